@@ -1,0 +1,7 @@
+//! replicafs: a FUSE mount for VM disk images whose every change is journaled and
+//! replicated to peers. See `docs/ARCHITECTURE.md` for the map of the modules.
+
+pub mod error;
+pub mod fuse;
+pub mod mount;
+pub mod volume;

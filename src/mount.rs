@@ -1,0 +1,312 @@
+//! Setting up a mount: the checks that refuse a bad command line with a message
+//! naming the fix, the FUSE session, and a clean unmount on a signal.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, bounded, select};
+use fuser::{Config, MountOption, SessionACL, SessionUnmounter};
+use tracing::{info, warn};
+
+use crate::fuse::{FuseAdapter, FuseOptions};
+use crate::volume::{Volume, VolumeOptions};
+
+/// Name of the default state directory inside the backing dir.
+pub const STATE_DIR_NAME: &str = ".replicafs";
+
+/// Everything `replicafs mount` needs.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+    /// Where journal and keys live; `BACKING/.replicafs` when not given.
+    pub state_dir: Option<PathBuf>,
+    pub allow_other: bool,
+    pub read_only: bool,
+    /// Threads serving kernel requests.
+    pub threads: usize,
+    pub fuse: FuseOptions,
+}
+
+impl MountOptions {
+    pub fn new(backing: impl Into<PathBuf>, mountpoint: impl Into<PathBuf>) -> Self {
+        MountOptions {
+            backing: backing.into(),
+            mountpoint: mountpoint.into(),
+            state_dir: None,
+            allow_other: false,
+            read_only: false,
+            threads: default_threads(),
+            fuse: FuseOptions::default(),
+        }
+    }
+}
+
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().clamp(2, 16) * 2)
+        .unwrap_or(4)
+}
+
+/// Why a mount was refused; each message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("backing dir {0} does not exist: create it first (mkdir -p {0})")]
+    BackingMissing(String),
+    #[error("backing dir {0} is not a directory: pass the directory that holds the VM disks")]
+    BackingNotDir(String),
+    #[error("mountpoint {0} does not exist: create it first (mkdir -p {0})")]
+    MountpointMissing(String),
+    #[error("mountpoint {0} is not a directory: pass an empty directory")]
+    MountpointNotDir(String),
+    #[error("mountpoint {0} is not empty: pass an empty directory (files there would be hidden)")]
+    MountpointNotEmpty(String),
+    #[error(
+        "mountpoint {0} is already a mount point: unmount it first (umount {0}) or pick another"
+    )]
+    MountpointIsMount(String),
+    #[error("the mountpoint {mountpoint} is inside the backing dir {backing}: mount outside it")]
+    MountpointInsideBacking { mountpoint: String, backing: String },
+    #[error("the backing dir {backing} is inside the mountpoint {mountpoint}: keep them apart")]
+    BackingInsideMountpoint { mountpoint: String, backing: String },
+    #[error("the state dir {0} is inside the mountpoint: put it elsewhere (--state-dir)")]
+    StateInsideMountpoint(String),
+    #[error("/dev/fuse is missing: load the module (modprobe fuse) or install fuse3")]
+    NoFuseDevice,
+    #[error("mounting needs root (replicafs calls mount(2) itself): run it as root or with sudo")]
+    NotRoot,
+    #[error("cannot use state dir {0}: {1}")]
+    StateDir(String, std::io::Error),
+    #[error("mount of {0} was not permitted: run as root, outside a restricted container")]
+    NotPermitted(String),
+    #[error("cannot open backing dir: {0}")]
+    Volume(crate::error::Error),
+    #[error("mount failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn show(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// The result of the checks: canonical paths ready to mount.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+/// Validates the paths of a mount and creates the state dir.
+pub fn check(opts: &MountOptions) -> Result<Checked, MountError> {
+    let backing_meta = std::fs::metadata(&opts.backing)
+        .map_err(|_| MountError::BackingMissing(show(&opts.backing)))?;
+    if !backing_meta.is_dir() {
+        return Err(MountError::BackingNotDir(show(&opts.backing)));
+    }
+    let mp_meta = std::fs::metadata(&opts.mountpoint)
+        .map_err(|_| MountError::MountpointMissing(show(&opts.mountpoint)))?;
+    if !mp_meta.is_dir() {
+        return Err(MountError::MountpointNotDir(show(&opts.mountpoint)));
+    }
+    let backing = opts.backing.canonicalize()?;
+    let mountpoint = opts.mountpoint.canonicalize()?;
+    if is_mount_point(&mountpoint) {
+        return Err(MountError::MountpointIsMount(show(&mountpoint)));
+    }
+    if std::fs::read_dir(&mountpoint)?.next().is_some() {
+        return Err(MountError::MountpointNotEmpty(show(&mountpoint)));
+    }
+    if mountpoint.starts_with(&backing) {
+        return Err(MountError::MountpointInsideBacking {
+            mountpoint: show(&mountpoint),
+            backing: show(&backing),
+        });
+    }
+    if backing.starts_with(&mountpoint) {
+        return Err(MountError::BackingInsideMountpoint {
+            mountpoint: show(&mountpoint),
+            backing: show(&backing),
+        });
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(MountError::NoFuseDevice);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(MountError::NotRoot);
+    }
+    let state_dir = opts
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| backing.join(STATE_DIR_NAME));
+    std::fs::create_dir_all(&state_dir).map_err(|e| MountError::StateDir(show(&state_dir), e))?;
+    let state_dir = state_dir.canonicalize()?;
+    if state_dir.starts_with(&mountpoint) {
+        return Err(MountError::StateInsideMountpoint(show(&state_dir)));
+    }
+    Ok(Checked {
+        backing,
+        mountpoint,
+        state_dir,
+    })
+}
+
+/// True if `path` is the root of a mount (its device differs from its parent's,
+/// or it is listed in /proc/self/mountinfo).
+pub fn is_mount_point(path: &Path) -> bool {
+    if let (Ok(me), Some(parent)) = (std::fs::metadata(path), path.parent())
+        && let Ok(up) = std::fs::metadata(parent)
+        && me.dev() != up.dev()
+    {
+        return true;
+    }
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| unescape_mount_path(m) == want)
+}
+
+fn unescape_mount_path(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// A running mount. Dropping it unmounts and waits for the request threads.
+pub struct Mounted {
+    pub checked: Checked,
+    pub volume: Arc<Volume>,
+    unmounter: SessionUnmounter,
+    thread: Option<JoinHandle<std::io::Result<()>>>,
+    done: Receiver<()>,
+}
+
+impl Mounted {
+    /// Waits until the mount goes away (`umount`) or SIGINT/SIGTERM arrives, then unmounts.
+    pub fn run_until_signal(mut self) -> std::io::Result<()> {
+        let (sig_tx, sig_rx) = bounded(1);
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])?;
+        let sig_handle = signals.handle();
+        std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                let _ = sig_tx.send(sig);
+            }
+        });
+        select! {
+            recv(sig_rx) -> sig => {
+                info!(signal = ?sig.ok(), "signal received; unmounting");
+            }
+            recv(self.done) -> _ => {
+                info!("mount went away; exiting");
+            }
+        }
+        sig_handle.close();
+        self.unmount()
+    }
+
+    /// Unmounts and waits for the session to end.
+    pub fn unmount(&mut self) -> std::io::Result<()> {
+        if let Err(e) = self.unmounter.unmount() {
+            warn!(error = %e, "unmount failed");
+            return Err(e);
+        }
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(r) => r?,
+                Err(_) => return Err(std::io::Error::other("FUSE session thread panicked")),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.unmount();
+        }
+    }
+}
+
+/// Checks the paths, mounts, and serves requests on background threads.
+pub fn mount(opts: &MountOptions) -> Result<Mounted, MountError> {
+    let checked = check(opts)?;
+    // The kernel sends modes with the caller's umask already applied; ours must
+    // not mask them a second time.
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0) };
+    let volume = Volume::new(
+        &checked.backing,
+        VolumeOptions {
+            read_only: opts.read_only,
+            writeback_cache: opts.fuse.writeback_cache && !opts.read_only,
+            hidden_dir: checked
+                .state_dir
+                .starts_with(&checked.backing)
+                .then(|| checked.state_dir.clone()),
+        },
+    )
+    .map_err(MountError::Volume)?;
+    let volume = Arc::new(volume);
+    let adapter = FuseAdapter::new(volume.clone(), opts.fuse.clone());
+
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("replicafs:{}", checked.backing.display())),
+        MountOption::Subtype("replicafs".into()),
+        MountOption::DefaultPermissions,
+        if opts.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    // Device nodes in a VM datastore are the guest's business, not the host's.
+    config.mount_options.push(MountOption::NoDev);
+    config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+
+    let mut session = fuser::Session::new(adapter, &checked.mountpoint, &config).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EPERM) {
+            MountError::NotPermitted(show(&checked.mountpoint))
+        } else {
+            MountError::Io(e)
+        }
+    })?;
+    let unmounter = session.unmount_callable();
+    let (done_tx, done) = bounded(1);
+    let thread = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || {
+            let r = session.run();
+            let _ = done_tx.send(());
+            r
+        })?;
+    info!(
+        backing = %checked.backing.display(),
+        mountpoint = %checked.mountpoint.display(),
+        "mounted"
+    );
+    Ok(Mounted {
+        checked,
+        volume,
+        unmounter,
+        thread: Some(thread),
+        done,
+    })
+}

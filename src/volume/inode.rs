@@ -1,0 +1,164 @@
+//! The inode table: FUSE inode numbers mapped to O_PATH descriptors of backing objects.
+//!
+//! Each backing object (device, inode) gets one FUSE inode number for as long as the
+//! kernel remembers it (its lookup count), so hard links share an inode and an open
+//! file keeps its number across renames. Numbers are never reused within a mount,
+//! so the generation can stay 0.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::error::{Error, Result};
+
+pub const ROOT_INO: u64 = 1;
+
+/// Identity of a backing object.
+pub type BackingKey = (u64, u64);
+
+pub fn key_of(st: &libc::stat) -> BackingKey {
+    (st.st_dev, st.st_ino)
+}
+
+#[derive(Debug)]
+pub struct Inode {
+    pub ino: u64,
+    pub key: BackingKey,
+    /// S_IFMT bits of the object; an inode never changes type.
+    pub file_type: u32,
+    fd: OwnedFd,
+    /// Serialises mutations of this object: "apply to backing + record" happens
+    /// under it, so per-file order is the order of application.
+    pub mutation: std::sync::Mutex<()>,
+}
+
+impl Inode {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.file_type == libc::S_IFDIR
+    }
+
+    pub fn is_symlink(&self) -> bool {
+        self.file_type == libc::S_IFLNK
+    }
+}
+
+struct Entry {
+    inode: Arc<Inode>,
+    nlookup: u64,
+}
+
+#[derive(Default)]
+struct Tables {
+    by_ino: HashMap<u64, Entry>,
+    by_key: HashMap<BackingKey, u64>,
+}
+
+pub struct InodeTable {
+    tables: RwLock<Tables>,
+    next_ino: AtomicU64,
+}
+
+impl InodeTable {
+    /// A table holding only the root, whose lookup count never drops to zero.
+    pub fn new(root_fd: OwnedFd, root_st: &libc::stat) -> Self {
+        let root = Arc::new(Inode {
+            ino: ROOT_INO,
+            key: key_of(root_st),
+            file_type: root_st.st_mode & libc::S_IFMT,
+            fd: root_fd,
+            mutation: Default::default(),
+        });
+        let mut tables = Tables::default();
+        tables.by_key.insert(root.key, ROOT_INO);
+        tables.by_ino.insert(
+            ROOT_INO,
+            Entry {
+                inode: root,
+                nlookup: u64::MAX / 2,
+            },
+        );
+        InodeTable {
+            tables: RwLock::new(tables),
+            next_ino: AtomicU64::new(ROOT_INO + 1),
+        }
+    }
+
+    pub fn get(&self, ino: u64) -> Result<Arc<Inode>> {
+        let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
+        tables
+            .by_ino
+            .get(&ino)
+            .map(|e| e.inode.clone())
+            // The kernel only names inodes we gave it; an unknown one is stale.
+            .ok_or(Error::from_errno(libc::ESTALE))
+    }
+
+    /// The FUSE number of a backing object the kernel already knows, if any.
+    pub fn ino_of(&self, key: BackingKey) -> Option<u64> {
+        let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
+        tables.by_key.get(&key).copied()
+    }
+
+    /// Registers one more kernel reference to the object behind `fd`, reusing its
+    /// inode if it is known (the fresh fd is then dropped).
+    pub fn remember(&self, fd: OwnedFd, st: &libc::stat) -> Arc<Inode> {
+        let key = key_of(st);
+        let mut tables = self.tables.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(&ino) = tables.by_key.get(&key)
+            && let Some(entry) = tables.by_ino.get_mut(&ino)
+        {
+            entry.nlookup += 1;
+            return entry.inode.clone();
+        }
+        let ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
+        let inode = Arc::new(Inode {
+            ino,
+            key,
+            file_type: st.st_mode & libc::S_IFMT,
+            fd,
+            mutation: Default::default(),
+        });
+        tables.by_key.insert(key, ino);
+        tables.by_ino.insert(
+            ino,
+            Entry {
+                inode: inode.clone(),
+                nlookup: 1,
+            },
+        );
+        inode
+    }
+
+    /// The kernel dropped `n` references; the inode goes when none are left.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut tables = self.tables.write().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = tables.by_ino.get_mut(&ino) else {
+            return;
+        };
+        entry.nlookup = entry.nlookup.saturating_sub(n);
+        if entry.nlookup == 0 {
+            let key = entry.inode.key;
+            tables.by_ino.remove(&ino);
+            if tables.by_key.get(&key) == Some(&ino) {
+                tables.by_key.remove(&key);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
+        tables.by_ino.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,794 @@
+//! The filesystem core: every operation the mount serves, done on the backing
+//! directory. Knows nothing of fuser; `fuse.rs` adapts kernel requests to it and
+//! tests drive it directly.
+
+pub mod handle;
+pub mod inode;
+pub mod sys;
+
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirEntryExt;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+use handle::{DirEntry, Handle, HandleTable, OpenDir, OpenFile};
+use inode::{BackingKey, Inode, InodeTable, ROOT_INO};
+pub use sys::XattrReply;
+
+/// Who is asking: the credentials of the process behind a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Caller {
+    pub const ROOT: Caller = Caller { uid: 0, gid: 0 };
+}
+
+/// A point in time for setattr: the caller's clock or a given instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeSpec {
+    Now,
+    At(SystemTime),
+}
+
+/// The attribute changes of one setattr request; `None` leaves a field alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSpec>,
+    pub mtime: Option<TimeSpec>,
+}
+
+/// Attributes of a file as the mount reports them (backing stat, our inode number).
+#[derive(Debug, Clone, Copy)]
+pub struct Attr {
+    pub ino: u64,
+    pub stat: libc::stat,
+}
+
+impl Attr {
+    pub fn file_type(&self) -> u32 {
+        self.stat.st_mode & libc::S_IFMT
+    }
+}
+
+/// A name resolved to an inode, with its attributes; the kernel now holds one reference.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryOut {
+    pub attr: Attr,
+}
+
+/// The answer to open/create.
+#[derive(Debug, Clone, Copy)]
+pub struct Opened {
+    pub fh: u64,
+    /// The caller asked for O_DIRECT: bypass the page cache for this handle.
+    pub direct_io: bool,
+}
+
+/// One directory entry as readdir returns it.
+#[derive(Debug, Clone)]
+pub struct DirListing {
+    pub ino: u64,
+    pub offset: u64,
+    pub file_type: u32,
+    pub name: OsString,
+}
+
+/// How the volume is set up.
+#[derive(Debug, Clone, Default)]
+pub struct VolumeOptions {
+    /// Refuse every mutation with EROFS.
+    pub read_only: bool,
+    /// The kernel caches writes (FUSE writeback cache): it may read through
+    /// write-only handles and handles O_APPEND itself.
+    pub writeback_cache: bool,
+    /// A directory under the backing dir that the mount must neither show nor reach.
+    pub hidden_dir: Option<PathBuf>,
+}
+
+/// The hidden directory: where it sits (parent object + name) and what it is.
+#[derive(Debug, Clone)]
+struct Hidden {
+    parent: BackingKey,
+    name: OsString,
+}
+
+pub struct Volume {
+    backing: PathBuf,
+    inodes: InodeTable,
+    handles: HandleTable,
+    options: VolumeOptions,
+    hidden: Option<Hidden>,
+}
+
+impl Volume {
+    pub fn new(backing: &Path, options: VolumeOptions) -> Result<Volume> {
+        let c = CString::new(backing.as_os_str().as_bytes()).map_err(|_| Error::EINVAL)?;
+        let root_fd = sys::open_path(&c, libc::O_PATH | libc::O_DIRECTORY)?;
+        let root_st = sys::fstat(root_fd.as_fd())?;
+        let hidden = match &options.hidden_dir {
+            Some(dir) => {
+                let parent = dir.parent().ok_or(Error::EINVAL)?;
+                let name = dir.file_name().ok_or(Error::EINVAL)?;
+                let pc = CString::new(parent.as_os_str().as_bytes()).map_err(|_| Error::EINVAL)?;
+                let pfd = sys::open_path(&pc, libc::O_PATH | libc::O_DIRECTORY)?;
+                let pst = sys::fstat(pfd.as_fd())?;
+                Some(Hidden {
+                    parent: inode::key_of(&pst),
+                    name: name.to_owned(),
+                })
+            }
+            None => None,
+        };
+        Ok(Volume {
+            backing: backing.to_owned(),
+            inodes: InodeTable::new(root_fd, &root_st),
+            handles: HandleTable::default(),
+            options,
+            hidden,
+        })
+    }
+
+    pub fn backing_dir(&self) -> &Path {
+        &self.backing
+    }
+
+    pub fn options(&self) -> &VolumeOptions {
+        &self.options
+    }
+
+    /// Number of inodes the kernel holds references to (the root included).
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    pub fn handle_count(&self) -> usize {
+        self.handles.len()
+    }
+
+    fn is_hidden(&self, parent: &Inode, name: &OsStr) -> bool {
+        matches!(&self.hidden, Some(h) if h.parent == parent.key && h.name == name)
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.options.read_only {
+            Err(Error::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A name in a directory, checked: no '/', not empty, not the hidden dir.
+    fn child_name(&self, parent: &Inode, name: &OsStr) -> Result<CString> {
+        if !parent.is_dir() {
+            return Err(Error::ENOTDIR);
+        }
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.contains(&b'/') {
+            return Err(Error::EINVAL);
+        }
+        if bytes.len() > 255 {
+            return Err(Error::ENAMETOOLONG);
+        }
+        if self.is_hidden(parent, name) {
+            return Err(Error::EPERM);
+        }
+        sys::cstr(name)
+    }
+
+    /// Path of an inode's backing object for log messages.
+    pub fn describe(&self, ino: u64) -> String {
+        match self.inodes.get(ino) {
+            Ok(inode) => std::fs::read_link(format!("/proc/self/fd/{}", inode.fd().as_raw_fd()))
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| format!("inode {ino}")),
+            Err(_) => format!("inode {ino} (forgotten)"),
+        }
+    }
+
+    fn attr_of(&self, inode: &Inode) -> Result<Attr> {
+        Ok(Attr {
+            ino: inode.ino,
+            stat: sys::fstat(inode.fd())?,
+        })
+    }
+
+    // ----- names -------------------------------------------------------------
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<EntryOut> {
+        let parent = self.inodes.get(parent)?;
+        let cname = match self.child_name(&parent, name) {
+            Err(e) if e == Error::EPERM => return Err(Error::ENOENT),
+            other => other?,
+        };
+        self.lookup_in(&parent, &cname)
+    }
+
+    fn lookup_in(&self, parent: &Inode, name: &CString) -> Result<EntryOut> {
+        let fd = sys::openat(parent.fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let st = sys::fstat(fd.as_fd())?;
+        let inode = self.inodes.remember(fd, &st);
+        Ok(EntryOut {
+            attr: Attr {
+                ino: inode.ino,
+                stat: st,
+            },
+        })
+    }
+
+    pub fn forget(&self, ino: u64, nlookup: u64) {
+        self.inodes.forget(ino, nlookup);
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let inode = self.inodes.get(ino)?;
+        self.attr_of(&inode)
+    }
+
+    pub fn setattr(&self, ino: u64, fh: Option<u64>, changes: &SetAttr) -> Result<Attr> {
+        self.writable()?;
+        let inode = self.inodes.get(ino)?;
+        let file = match fh {
+            Some(fh) => self.handles.file(fh).ok(),
+            None => None,
+        };
+        let proc = sys::proc_path(inode.fd().as_raw_fd());
+        let _order = inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mode) = changes.mode {
+            if inode.is_symlink() {
+                return Err(Error::from_errno(libc::EOPNOTSUPP));
+            }
+            match &file {
+                Some(f) => sys::fchmod(f.file.as_raw_fd(), mode & 0o7777)?,
+                None => sys::chmod_path(&proc, mode & 0o7777)?,
+            }
+        }
+        if changes.uid.is_some() || changes.gid.is_some() {
+            sys::fchownat_empty(inode.fd(), changes.uid, changes.gid)?;
+        }
+        if let Some(size) = changes.size {
+            match &file {
+                Some(f) if f.writable() => sys::ftruncate(f.file.as_raw_fd(), size)?,
+                _ => sys::truncate_path(&proc, size)?,
+            }
+        }
+        if changes.atime.is_some() || changes.mtime.is_some() {
+            let times = [to_timespec(changes.atime), to_timespec(changes.mtime)];
+            sys::utimens_fd(inode.fd(), &times)?;
+        }
+        drop(_order);
+        self.attr_of(&inode)
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let inode = self.inodes.get(ino)?;
+        if !inode.is_symlink() {
+            return Err(Error::EINVAL);
+        }
+        sys::readlink_fd(inode.fd())
+    }
+
+    /// Gives a new object the caller's ownership (we create as root). The group
+    /// follows a set-gid parent as the backing filesystem already arranged.
+    fn own(&self, parent: &Inode, entry: &EntryOut, caller: Caller) -> Result<()> {
+        let parent_st = sys::fstat(parent.fd())?;
+        let gid = if parent_st.st_mode & libc::S_ISGID != 0 {
+            entry.attr.stat.st_gid
+        } else {
+            caller.gid
+        };
+        if entry.attr.stat.st_uid == caller.uid && entry.attr.stat.st_gid == gid {
+            return Ok(());
+        }
+        let inode = self.inodes.get(entry.attr.ino)?;
+        sys::fchownat_empty(inode.fd(), Some(caller.uid), Some(gid))?;
+        // chown clears set-id bits on files; give back what the caller asked for.
+        let mode = entry.attr.stat.st_mode;
+        if mode & (libc::S_ISUID | libc::S_ISGID) != 0 && !inode.is_symlink() && !inode.is_dir() {
+            sys::chmod_path(&sys::proc_path(inode.fd().as_raw_fd()), mode & 0o7777)?;
+        }
+        Ok(())
+    }
+
+    fn finish_new(&self, parent: &Inode, name: &CString, caller: Caller) -> Result<EntryOut> {
+        let mut entry = self.lookup_in(parent, name)?;
+        if let Err(e) = self.own(parent, &entry, caller) {
+            self.forget(entry.attr.ino, 1);
+            return Err(e);
+        }
+        entry.attr.stat = sys::fstat(self.inodes.get(entry.attr.ino)?.fd())?;
+        Ok(entry)
+    }
+
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u64,
+        caller: Caller,
+    ) -> Result<EntryOut> {
+        self.writable()?;
+        let parent = self.inodes.get(parent)?;
+        let cname = self.child_name(&parent, name)?;
+        sys::mknodat(parent.fd(), &cname, mode, rdev)?;
+        self.finish_new(&parent, &cname, caller)
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<EntryOut> {
+        self.writable()?;
+        let parent = self.inodes.get(parent)?;
+        let cname = self.child_name(&parent, name)?;
+        sys::mkdirat(parent.fd(), &cname, mode & 0o7777)?;
+        self.finish_new(&parent, &cname, caller)
+    }
+
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &Path,
+        caller: Caller,
+    ) -> Result<EntryOut> {
+        self.writable()?;
+        let parent = self.inodes.get(parent)?;
+        let cname = self.child_name(&parent, name)?;
+        let ctarget = sys::cstr(target.as_os_str())?;
+        sys::symlinkat(&ctarget, parent.fd(), &cname)?;
+        self.finish_new(&parent, &cname, caller)
+    }
+
+    pub fn link(&self, ino: u64, new_parent: u64, new_name: &OsStr) -> Result<EntryOut> {
+        self.writable()?;
+        let inode = self.inodes.get(ino)?;
+        let parent = self.inodes.get(new_parent)?;
+        let cname = self.child_name(&parent, new_name)?;
+        if inode.is_dir() {
+            return Err(Error::EPERM);
+        }
+        sys::link_fd(inode.fd(), parent.fd(), &cname)?;
+        self.lookup_in(&parent, &cname)
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        let parent = self.inodes.get(parent)?;
+        let cname = self.child_name(&parent, name)?;
+        sys::unlinkat(parent.fd(), &cname, 0)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        let parent = self.inodes.get(parent)?;
+        let cname = self.child_name(&parent, name)?;
+        sys::unlinkat(parent.fd(), &cname, libc::AT_REMOVEDIR)
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        self.writable()?;
+        let known = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE | libc::RENAME_WHITEOUT;
+        if flags & !known != 0 {
+            return Err(Error::EINVAL);
+        }
+        let parent = self.inodes.get(parent)?;
+        let new_parent = self.inodes.get(new_parent)?;
+        let old = self.child_name(&parent, name)?;
+        let new = self.child_name(&new_parent, new_name)?;
+        sys::renameat2(parent.fd(), &old, new_parent.fd(), &new, flags)
+    }
+
+    // ----- files -------------------------------------------------------------
+
+    /// Flags for the backing open: the kernel computes append offsets and, with
+    /// the writeback cache, reads pages through handles opened write-only.
+    fn backing_flags(&self, flags: i32) -> i32 {
+        let mut f = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_APPEND);
+        // Our pwrite buffers are not block aligned; the kernel already bypasses
+        // its own cache for O_DIRECT callers.
+        f &= !libc::O_DIRECT;
+        if self.options.writeback_cache && f & libc::O_ACCMODE == libc::O_WRONLY {
+            f = (f & !libc::O_ACCMODE) | libc::O_RDWR;
+        }
+        f
+    }
+
+    fn check_open_flags(&self, flags: i32) -> Result<()> {
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if writes {
+            self.writable()?;
+        }
+        Ok(())
+    }
+
+    pub fn open(&self, ino: u64, flags: i32) -> Result<Opened> {
+        self.check_open_flags(flags)?;
+        let inode = self.inodes.get(ino)?;
+        if inode.is_dir() {
+            return Err(Error::from_errno(libc::EISDIR));
+        }
+        let proc = sys::proc_path(inode.fd().as_raw_fd());
+        let fd = sys::open_path(&proc, self.backing_flags(flags))?;
+        Ok(self.register_file(inode, fd, flags))
+    }
+
+    fn register_file(&self, inode: Arc<Inode>, fd: OwnedFd, flags: i32) -> Opened {
+        let file = File::from(fd);
+        let fh = self
+            .handles
+            .insert(Handle::File(Arc::new(OpenFile { inode, file, flags })));
+        Opened {
+            fh,
+            direct_io: flags & libc::O_DIRECT != 0,
+        }
+    }
+
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(EntryOut, Opened)> {
+        self.writable()?;
+        let parent = self.inodes.get(parent)?;
+        let cname = self.child_name(&parent, name)?;
+        let oflags = self.backing_flags(flags) | libc::O_CREAT | (flags & libc::O_EXCL);
+        let fd = sys::openat(
+            parent.fd(),
+            &cname,
+            oflags | libc::O_NOFOLLOW,
+            mode & 0o7777,
+        )?;
+        let entry = self.finish_new(&parent, &cname, caller)?;
+        let inode = self.inodes.get(entry.attr.ino)?;
+        let opened = self.register_file(inode, fd, flags);
+        Ok((entry, opened))
+    }
+
+    /// The open file behind a handle (the FUSE adapter needs its descriptor for passthrough).
+    pub fn open_file(&self, fh: u64) -> Result<Arc<OpenFile>> {
+        self.handles.file(fh)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let f = self.handles.file(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = sys::pread(f.file.as_raw_fd(), &mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.writable()?;
+        let f = self.handles.file(fh)?;
+        let len = u32::try_from(data.len()).map_err(|_| Error::EINVAL)?;
+        let _order = f.inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
+        let mut done = 0;
+        while done < data.len() {
+            let n = sys::pwrite(f.file.as_raw_fd(), &data[done..], offset + done as u64)?;
+            if n == 0 {
+                return Err(Error::EIO);
+            }
+            done += n;
+        }
+        Ok(len)
+    }
+
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        self.handles.file(fh).map(drop)
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.remove(fh);
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        let f = self.handles.file(fh)?;
+        sys::fsync(f.file.as_raw_fd(), datasync)
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        self.writable()?;
+        let f = self.handles.file(fh)?;
+        let _order = f.inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
+        sys::fallocate(f.file.as_raw_fd(), mode, offset, length)
+    }
+
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let f = self.handles.file(fh)?;
+        match whence {
+            libc::SEEK_SET
+            | libc::SEEK_CUR
+            | libc::SEEK_END
+            | libc::SEEK_DATA
+            | libc::SEEK_HOLE => sys::lseek(f.file.as_raw_fd(), offset, whence),
+            _ => Err(Error::EINVAL),
+        }
+    }
+
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        offset_in: u64,
+        fh_out: u64,
+        offset_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> Result<u32> {
+        self.writable()?;
+        if flags != 0 {
+            return Err(Error::EINVAL);
+        }
+        let fin = self.handles.file(fh_in)?;
+        let fout = self.handles.file(fh_out)?;
+        // A FUSE reply carries a u32 count.
+        let len = len.min(u32::MAX as u64 & !0xfff);
+        let _order = fout
+            .inode
+            .mutation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let n = sys::copy_file_range(
+            fin.file.as_raw_fd(),
+            offset_in,
+            fout.file.as_raw_fd(),
+            offset_out,
+            len,
+        )?;
+        Ok(n as u32)
+    }
+
+    // ----- directories -------------------------------------------------------
+
+    pub fn opendir(&self, ino: u64, _flags: i32) -> Result<u64> {
+        let inode = self.inodes.get(ino)?;
+        if !inode.is_dir() {
+            return Err(Error::ENOTDIR);
+        }
+        Ok(self.handles.insert(Handle::Dir(Arc::new(OpenDir {
+            inode,
+            entries: Mutex::new(None),
+        }))))
+    }
+
+    fn read_entries(&self, dir: &Inode) -> Result<Vec<DirEntry>> {
+        let st = sys::fstat(dir.fd())?;
+        let mut out = vec![
+            DirEntry {
+                name: ".".into(),
+                backing_ino: st.st_ino,
+                file_type: libc::S_IFDIR,
+            },
+            DirEntry {
+                name: "..".into(),
+                backing_ino: 0,
+                file_type: libc::S_IFDIR,
+            },
+        ];
+        let path = format!("/proc/self/fd/{}", dir.fd().as_raw_fd());
+        for entry in std::fs::read_dir(path)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if matches!(&self.hidden, Some(h) if h.parent == dir.key && h.name == name) {
+                continue;
+            }
+            let ft = entry.file_type()?;
+            out.push(DirEntry {
+                backing_ino: entry.ino(),
+                file_type: file_type_bits(&ft),
+                name,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Entries from `offset` on. Offset 0 (re)reads the directory, as rewinddir does.
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<DirListing>> {
+        let dir = self.handles.dir(fh)?;
+        let entries = {
+            let mut cached = dir.entries.lock().unwrap_or_else(|e| e.into_inner());
+            match (&*cached, offset) {
+                (Some(e), o) if o != 0 => e.clone(),
+                _ => {
+                    let fresh = Arc::new(self.read_entries(&dir.inode)?);
+                    *cached = Some(fresh.clone());
+                    fresh
+                }
+            }
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        Ok(entries
+            .iter()
+            .enumerate()
+            .skip(start)
+            .map(|(i, e)| DirListing {
+                // Report the kernel's inode number where it has one, so that d_ino
+                // agrees with stat's st_ino.
+                ino: self
+                    .inodes
+                    .ino_of((dir.inode.key.0, e.backing_ino))
+                    .unwrap_or(e.backing_ino.max(2)),
+                offset: i as u64 + 1,
+                file_type: e.file_type,
+                name: e.name.clone(),
+            })
+            .collect())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.handles.remove(fh);
+    }
+
+    pub fn fsyncdir(&self, fh: u64, datasync: bool) -> Result<()> {
+        let dir = self.handles.dir(fh)?;
+        let proc = sys::proc_path(dir.inode.fd().as_raw_fd());
+        let fd = sys::open_path(&proc, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        sys::fsync(fd.as_raw_fd(), datasync)
+    }
+
+    // ----- the rest ----------------------------------------------------------
+
+    pub fn statfs(&self, ino: u64) -> Result<libc::statvfs> {
+        let inode = self
+            .inodes
+            .get(ino)
+            .or_else(|_| self.inodes.get(ROOT_INO))?;
+        sys::statvfs(&sys::proc_path(inode.fd().as_raw_fd()))
+    }
+
+    /// access(2) against the file's mode bits for the caller (root passes all but
+    /// execute, which needs one x bit, as in the kernel).
+    pub fn access(&self, ino: u64, mask: i32, caller: Caller) -> Result<()> {
+        let attr = self.getattr(ino)?;
+        if mask & libc::W_OK != 0 && self.options.read_only {
+            return Err(Error::EROFS);
+        }
+        if mask == libc::F_OK {
+            return Ok(());
+        }
+        let mode = attr.stat.st_mode;
+        if caller.uid == 0 {
+            let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
+            if mask & libc::X_OK != 0 && !is_dir && mode & 0o111 == 0 {
+                return Err(Error::from_errno(libc::EACCES));
+            }
+            return Ok(());
+        }
+        let bits = if caller.uid == attr.stat.st_uid {
+            (mode >> 6) & 7
+        } else if caller.gid == attr.stat.st_gid {
+            (mode >> 3) & 7
+        } else {
+            mode & 7
+        };
+        if (mask as u32) & 7 & !bits != 0 {
+            return Err(Error::from_errno(libc::EACCES));
+        }
+        Ok(())
+    }
+
+    fn xattr_target(&self, ino: u64) -> Result<(Arc<Inode>, CString)> {
+        let inode = self.inodes.get(ino)?;
+        let proc = sys::proc_path(inode.fd().as_raw_fd());
+        Ok((inode, proc))
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<XattrReply> {
+        let (inode, proc) = self.xattr_target(ino)?;
+        if inode.is_symlink() {
+            // No race-free way to reach a symlink's own xattrs through /proc.
+            return Err(Error::from_errno(libc::ENODATA));
+        }
+        sys::getxattr(&proc, &sys::cstr(name)?, size)
+    }
+
+    pub fn listxattr(&self, ino: u64, size: u32) -> Result<XattrReply> {
+        let (inode, proc) = self.xattr_target(ino)?;
+        if inode.is_symlink() {
+            return Ok(if size == 0 {
+                XattrReply::Size(0)
+            } else {
+                XattrReply::Data(Vec::new())
+            });
+        }
+        sys::listxattr(&proc, size)
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        self.writable()?;
+        let (inode, proc) = self.xattr_target(ino)?;
+        if inode.is_symlink() {
+            return Err(Error::EPERM);
+        }
+        let _order = inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
+        sys::setxattr(&proc, &sys::cstr(name)?, value, flags)
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+        self.writable()?;
+        let (inode, proc) = self.xattr_target(ino)?;
+        if inode.is_symlink() {
+            return Err(Error::EPERM);
+        }
+        let _order = inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
+        sys::removexattr(&proc, &sys::cstr(name)?)
+    }
+}
+
+fn to_timespec(t: Option<TimeSpec>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeSpec::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeSpec::At(t)) => {
+            let (secs, nanos) = match t.duration_since(UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                Err(e) => {
+                    // Before 1970: negative seconds, non-negative nanoseconds.
+                    let d = e.duration();
+                    let mut s = -(d.as_secs() as i64);
+                    let mut n = d.subsec_nanos() as i64;
+                    if n > 0 {
+                        s -= 1;
+                        n = 1_000_000_000 - n;
+                    }
+                    (s, n)
+                }
+            };
+            libc::timespec {
+                tv_sec: secs,
+                tv_nsec: nanos,
+            }
+        }
+    }
+}
+
+fn file_type_bits(ft: &std::fs::FileType) -> u32 {
+    if ft.is_dir() {
+        libc::S_IFDIR
+    } else if ft.is_symlink() {
+        libc::S_IFLNK
+    } else if ft.is_fifo() {
+        libc::S_IFIFO
+    } else if ft.is_socket() {
+        libc::S_IFSOCK
+    } else if ft.is_char_device() {
+        libc::S_IFCHR
+    } else if ft.is_block_device() {
+        libc::S_IFBLK
+    } else {
+        libc::S_IFREG
+    }
+}
