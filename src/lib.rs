@@ -1,7 +1,9 @@
 //! replicafs: a FUSE mount for VM disk images whose every change is journaled and
 //! replicated to peers. See `docs/ARCHITECTURE.md` for the map of the modules.
 
+pub mod config;
 pub mod error;
 pub mod fuse;
+pub mod journal;
 pub mod mount;
 pub mod volume;

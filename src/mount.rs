@@ -11,6 +11,9 @@ use fuser::{Config, MountOption, SessionACL, SessionUnmounter};
 use tracing::{info, warn};
 
 use crate::fuse::{FuseAdapter, FuseOptions};
+use crate::journal::exclude::Exclusions;
+use crate::journal::{Journal, JournalError, JournalOptions};
+use crate::volume::recorder::Recorder;
 use crate::volume::{Volume, VolumeOptions};
 
 /// Name of the default state directory inside the backing dir.
@@ -28,6 +31,10 @@ pub struct MountOptions {
     /// Threads serving kernel requests.
     pub threads: usize,
     pub fuse: FuseOptions,
+    /// Journal settings; None records nothing.
+    pub journal: Option<JournalOptions>,
+    /// Exclusion globs (see [`Exclusions`]).
+    pub exclude: Vec<String>,
 }
 
 impl MountOptions {
@@ -40,6 +47,8 @@ impl MountOptions {
             read_only: false,
             threads: default_threads(),
             fuse: FuseOptions::default(),
+            journal: Some(JournalOptions::default()),
+            exclude: Vec::new(),
         }
     }
 }
@@ -83,6 +92,10 @@ pub enum MountError {
     NotPermitted(String),
     #[error("cannot open backing dir: {0}")]
     Volume(crate::error::Error),
+    #[error("cannot open the journal: {0}")]
+    Journal(#[from] JournalError),
+    #[error("{0}")]
+    Exclusions(String),
     #[error("mount failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -186,47 +199,87 @@ pub struct Mounted {
     unmounter: SessionUnmounter,
     thread: Option<JoinHandle<std::io::Result<()>>>,
     done: Receiver<()>,
+    unmounted_externally: bool,
 }
 
 impl Mounted {
-    /// Waits until the mount goes away (`umount`) or SIGINT/SIGTERM arrives, then unmounts.
-    pub fn run_until_signal(mut self) -> std::io::Result<()> {
-        let (sig_tx, sig_rx) = bounded(1);
-        let mut signals = signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGINT,
-            signal_hook::consts::SIGTERM,
-        ])?;
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.volume.recorder().map(|r| r.journal())
+    }
+
+    /// Waits until the mount goes away (`umount`) or SIGINT/SIGTERM arrives, then
+    /// unmounts. On SIGHUP, `reload` gives the new exclusion rules (None keeps the old).
+    pub fn run_until_signal(
+        mut self,
+        reload: impl Fn() -> Option<Vec<String>>,
+    ) -> std::io::Result<()> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let (sig_tx, sig_rx) = bounded(4);
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
         let sig_handle = signals.handle();
         std::thread::spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                let _ = sig_tx.send(sig);
+            for sig in signals.forever() {
+                if sig_tx.send(sig).is_err() {
+                    break;
+                }
             }
         });
-        select! {
-            recv(sig_rx) -> sig => {
-                info!(signal = ?sig.ok(), "signal received; unmounting");
-            }
-            recv(self.done) -> _ => {
-                info!("mount went away; exiting");
+        loop {
+            select! {
+                recv(sig_rx) -> sig => {
+                    if sig == Ok(SIGHUP) {
+                        self.reload_exclusions(reload());
+                        continue;
+                    }
+                    info!(signal = ?sig.ok(), "signal received; unmounting");
+                    break;
+                }
+                recv(self.done) -> _ => {
+                    info!("mount went away; exiting");
+                    self.unmounted_externally = true;
+                    break;
+                }
             }
         }
         sig_handle.close();
         self.unmount()
     }
 
+    fn reload_exclusions(&self, patterns: Option<Vec<String>>) {
+        let (Some(patterns), Some(r)) = (patterns, self.volume.recorder()) else {
+            return;
+        };
+        match Exclusions::new(&patterns) {
+            Ok(ex) => {
+                info!(rules = ?patterns, "exclusion rules reloaded");
+                r.set_exclusions(ex);
+            }
+            Err(e) => warn!(error = %e, "exclusion rules not reloaded; keeping the old ones"),
+        }
+    }
+
     /// Unmounts and waits for the session to end.
     pub fn unmount(&mut self) -> std::io::Result<()> {
-        if let Err(e) = self.unmounter.unmount() {
+        if self.unmounted_externally {
+            // Someone ran umount: there is nothing left to unmount.
+        } else if let Err(e) = self.unmounter.unmount() {
             warn!(error = %e, "unmount failed");
             return Err(e);
         }
+        let mut result = Ok(());
         if let Some(t) = self.thread.take() {
-            match t.join() {
-                Ok(r) => r?,
-                Err(_) => return Err(std::io::Error::other("FUSE session thread panicked")),
-            }
+            result = match t.join() {
+                Ok(r) => r,
+                Err(_) => Err(std::io::Error::other("FUSE session thread panicked")),
+            };
         }
-        Ok(())
+        // Every request is answered: the journal can be closed cleanly.
+        if let Some(j) = self.journal()
+            && let Err(e) = j.close()
+        {
+            warn!(error = %e, "journal did not close cleanly");
+        }
+        result
     }
 }
 
@@ -257,6 +310,25 @@ pub fn mount(opts: &MountOptions) -> Result<Mounted, MountError> {
         },
     )
     .map_err(MountError::Volume)?;
+    let volume = match (&opts.journal, opts.read_only) {
+        (Some(jopts), false) => {
+            let exclusions = Exclusions::new(&opts.exclude).map_err(MountError::Exclusions)?;
+            let (journal, recovery) = Journal::open(&checked.state_dir, jopts.clone())?;
+            if !recovery.clean {
+                warn!(
+                    torn_bytes = recovery.torn_bytes,
+                    hot_extents = recovery.hot_extents,
+                    "previous run did not stop cleanly; hot extents are in the dirty list"
+                );
+            }
+            volume.with_recorder(Recorder::new(
+                Arc::new(journal),
+                exclusions,
+                &checked.backing,
+            ))
+        }
+        _ => volume,
+    };
     let volume = Arc::new(volume);
     let adapter = FuseAdapter::new(volume.clone(), opts.fuse.clone());
 
@@ -308,5 +380,6 @@ pub fn mount(opts: &MountOptions) -> Result<Mounted, MountError> {
         unmounter,
         thread: Some(thread),
         done,
+        unmounted_externally: false,
     })
 }

@@ -30,7 +30,27 @@ pub struct Inode {
     fd: OwnedFd,
     /// Serialises mutations of this object: "apply to backing + record" happens
     /// under it, so per-file order is the order of application.
-    pub mutation: std::sync::Mutex<()>,
+    pub mutation: std::sync::Mutex<FileState>,
+    /// The seq of the newest record of this object (what its fsync waits for).
+    pub last_seq: AtomicU64,
+    /// Path relative to the mount root, valid while the volume's namespace
+    /// generation equals `.0`.
+    pub path_cache: std::sync::Mutex<Option<(u64, Option<PathInfo>)>>,
+}
+
+/// Where an inode sits, as the journal names it.
+#[derive(Debug, Clone)]
+pub struct PathInfo {
+    pub rel: Arc<[u8]>,
+    pub excluded: bool,
+}
+
+/// State guarded by an inode's mutation lock.
+#[derive(Debug, Default)]
+pub struct FileState {
+    /// Activity-log epoch under which `hot_extents` were known hot.
+    pub al_epoch: u64,
+    pub hot_extents: Vec<u64>,
 }
 
 impl Inode {
@@ -72,6 +92,8 @@ impl InodeTable {
             file_type: root_st.st_mode & libc::S_IFMT,
             fd: root_fd,
             mutation: Default::default(),
+            last_seq: AtomicU64::new(0),
+            path_cache: Default::default(),
         });
         let mut tables = Tables::default();
         tables.by_key.insert(root.key, ROOT_INO);
@@ -122,6 +144,8 @@ impl InodeTable {
             file_type: st.st_mode & libc::S_IFMT,
             fd,
             mutation: Default::default(),
+            last_seq: AtomicU64::new(0),
+            path_cache: Default::default(),
         });
         tables.by_key.insert(key, ino);
         tables.by_ino.insert(

@@ -4,6 +4,7 @@
 
 pub mod handle;
 pub mod inode;
+pub mod recorder;
 pub mod sys;
 
 use std::ffi::{CString, OsStr, OsString};
@@ -17,8 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
+use crate::journal::{Op, Timestamp};
 use handle::{DirEntry, Handle, HandleTable, OpenDir, OpenFile};
 use inode::{BackingKey, Inode, InodeTable, ROOT_INO};
+use recorder::Recorder;
 pub use sys::XattrReply;
 
 /// Who is asking: the credentials of the process behind a request.
@@ -111,6 +114,8 @@ pub struct Volume {
     handles: HandleTable,
     options: VolumeOptions,
     hidden: Option<Hidden>,
+    /// Journaling; None for a volume that records nothing (read-only, replica).
+    recorder: Option<Recorder>,
 }
 
 impl Volume {
@@ -138,7 +143,18 @@ impl Volume {
             handles: HandleTable::default(),
             options,
             hidden,
+            recorder: None,
         })
+    }
+
+    /// Journals every mutation from now on.
+    pub fn with_recorder(mut self, recorder: Recorder) -> Volume {
+        self.recorder = Some(recorder);
+        self
+    }
+
+    pub fn recorder(&self) -> Option<&Recorder> {
+        self.recorder.as_ref()
     }
 
     pub fn backing_dir(&self) -> &Path {
@@ -245,7 +261,10 @@ impl Volume {
             None => None,
         };
         let proc = sys::proc_path(inode.fd().as_raw_fd());
+        let rec = self.recorder.as_ref();
+        let _ns = rec.map(|r| r.data_lock());
         let _order = inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
+        let path = rec.and_then(|r| r.journaled_path(&inode));
         if let Some(mode) = changes.mode {
             if inode.is_symlink() {
                 return Err(Error::from_errno(libc::EOPNOTSUPP));
@@ -263,13 +282,55 @@ impl Volume {
                 Some(f) if f.writable() => sys::ftruncate(f.file.as_raw_fd(), size)?,
                 _ => sys::truncate_path(&proc, size)?,
             }
+            if let (Some(r), Some(p)) = (rec, &path) {
+                r.record(
+                    Some(&inode),
+                    &Op::Truncate {
+                        path: p.to_vec(),
+                        size,
+                    },
+                    &[],
+                );
+            }
         }
         if changes.atime.is_some() || changes.mtime.is_some() {
             let times = [to_timespec(changes.atime), to_timespec(changes.mtime)];
             sys::utimens_fd(inode.fd(), &times)?;
         }
-        drop(_order);
-        self.attr_of(&inode)
+        let attr = self.attr_of(&inode)?;
+        if let (Some(r), Some(p)) = (rec, &path) {
+            let st = &attr.stat;
+            let mode = changes.mode.map(|_| st.st_mode & 0o7777);
+            let uid = changes.uid.map(|_| st.st_uid);
+            let gid = changes.gid.map(|_| st.st_gid);
+            // Chown by root clears set-id bits: journal the mode that resulted.
+            let mode = mode.or((uid.is_some() || gid.is_some()).then_some(st.st_mode & 0o7777));
+            let atime = changes.atime.map(|_| Timestamp {
+                sec: st.st_atime,
+                nsec: st.st_atime_nsec as u32,
+            });
+            let mtime = changes.mtime.map(|_| Timestamp {
+                sec: st.st_mtime,
+                nsec: st.st_mtime_nsec as u32,
+            });
+            if mode.is_some()
+                || uid.is_some()
+                || gid.is_some()
+                || atime.is_some()
+                || mtime.is_some()
+            {
+                let op = Op::SetAttr {
+                    path: p.to_vec(),
+                    mode,
+                    uid,
+                    gid,
+                    atime,
+                    mtime,
+                };
+                r.record(Some(&inode), &op, &[]);
+            }
+        }
+        Ok(attr)
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -302,13 +363,23 @@ impl Volume {
         Ok(())
     }
 
+    /// After creating `name` in `parent`: give it the caller's ownership, look it
+    /// up, and journal its creation (the namespace lock is held by the caller).
     fn finish_new(&self, parent: &Inode, name: &CString, caller: Caller) -> Result<EntryOut> {
         let mut entry = self.lookup_in(parent, name)?;
         if let Err(e) = self.own(parent, &entry, caller) {
             self.forget(entry.attr.ino, 1);
             return Err(e);
         }
-        entry.attr.stat = sys::fstat(self.inodes.get(entry.attr.ino)?.fd())?;
+        let inode = self.inodes.get(entry.attr.ino)?;
+        entry.attr.stat = sys::fstat(inode.fd())?;
+        if let Some(r) = &self.recorder
+            && let Some(info) = r.child_info(parent, name.as_bytes())
+            && !info.excluded
+        {
+            let op = creation_op(info.rel.to_vec(), &entry.attr.stat, inode.fd())?;
+            r.record(Some(&inode), &op, &[]);
+        }
         Ok(entry)
     }
 
@@ -323,6 +394,7 @@ impl Volume {
         self.writable()?;
         let parent = self.inodes.get(parent)?;
         let cname = self.child_name(&parent, name)?;
+        let _ns = self.recorder.as_ref().map(|r| r.namespace_lock());
         sys::mknodat(parent.fd(), &cname, mode, rdev)?;
         self.finish_new(&parent, &cname, caller)
     }
@@ -331,6 +403,7 @@ impl Volume {
         self.writable()?;
         let parent = self.inodes.get(parent)?;
         let cname = self.child_name(&parent, name)?;
+        let _ns = self.recorder.as_ref().map(|r| r.namespace_lock());
         sys::mkdirat(parent.fd(), &cname, mode & 0o7777)?;
         self.finish_new(&parent, &cname, caller)
     }
@@ -346,6 +419,7 @@ impl Volume {
         let parent = self.inodes.get(parent)?;
         let cname = self.child_name(&parent, name)?;
         let ctarget = sys::cstr(target.as_os_str())?;
+        let _ns = self.recorder.as_ref().map(|r| r.namespace_lock());
         sys::symlinkat(&ctarget, parent.fd(), &cname)?;
         self.finish_new(&parent, &cname, caller)
     }
@@ -358,22 +432,58 @@ impl Volume {
         if inode.is_dir() {
             return Err(Error::EPERM);
         }
+        let rec = self.recorder.as_ref();
+        let _ns = rec.map(|r| r.namespace_lock());
+        let existing = rec.and_then(|r| r.path_info(&inode));
         sys::link_fd(inode.fd(), parent.fd(), &cname)?;
+        if let Some(r) = rec
+            && let Some(new) = r.child_info(&parent, cname.as_bytes())
+        {
+            match existing {
+                Some(old) if !old.excluded && !new.excluded => {
+                    let op = Op::Link {
+                        existing: old.rel.to_vec(),
+                        path: new.rel.to_vec(),
+                    };
+                    r.record(Some(&inode), &op, &[]);
+                }
+                // A journaled name for content the replica does not have.
+                _ if !new.excluded => r.mark_whole_dirty(&new.rel),
+                _ => {}
+            }
+        }
         self.lookup_in(&parent, &cname)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
-        self.writable()?;
-        let parent = self.inodes.get(parent)?;
-        let cname = self.child_name(&parent, name)?;
-        sys::unlinkat(parent.fd(), &cname, 0)
+        self.remove(parent, name, false)
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.remove(parent, name, true)
+    }
+
+    fn remove(&self, parent: u64, name: &OsStr, dir: bool) -> Result<()> {
         self.writable()?;
         let parent = self.inodes.get(parent)?;
         let cname = self.child_name(&parent, name)?;
-        sys::unlinkat(parent.fd(), &cname, libc::AT_REMOVEDIR)
+        let rec = self.recorder.as_ref();
+        let _ns = rec.map(|r| r.namespace_lock());
+        let flags = if dir { libc::AT_REMOVEDIR } else { 0 };
+        sys::unlinkat(parent.fd(), &cname, flags)?;
+        if let Some(r) = rec
+            && let Some(info) = r.child_info(&parent, cname.as_bytes())
+            && !info.excluded
+        {
+            let path = info.rel.to_vec();
+            let op = if dir {
+                Op::Rmdir { path }
+            } else {
+                Op::Unlink { path }
+            };
+            r.record(None, &op, &[]);
+        }
+        Ok(())
     }
 
     pub fn rename(
@@ -393,7 +503,70 @@ impl Volume {
         let new_parent = self.inodes.get(new_parent)?;
         let old = self.child_name(&parent, name)?;
         let new = self.child_name(&new_parent, new_name)?;
-        sys::renameat2(parent.fd(), &old, new_parent.fd(), &new, flags)
+        let rec = self.recorder.as_ref();
+        let _ns = rec.map(|r| r.namespace_lock());
+        let src_is_dir = sys::fstatat(parent.fd(), &old)
+            .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+            .unwrap_or(false);
+        let dst_existed = sys::fstatat(new_parent.fd(), &new).is_ok();
+        sys::renameat2(parent.fd(), &old, new_parent.fd(), &new, flags)?;
+        let Some(r) = rec else { return Ok(()) };
+        let (Some(from), Some(to)) = (
+            r.child_info(&parent, old.as_bytes()),
+            r.child_info(&new_parent, new.as_bytes()),
+        ) else {
+            return Ok(());
+        };
+        let remove = |path: &[u8], is_dir: bool| {
+            let path = path.to_vec();
+            let op = if is_dir {
+                Op::RemoveTree { path }
+            } else {
+                Op::Unlink { path }
+            };
+            r.record(None, &op, &[]);
+        };
+        match (from.excluded, to.excluded) {
+            (false, false) => {
+                let op = Op::Rename {
+                    from: from.rel.to_vec(),
+                    to: to.rel.to_vec(),
+                    flags,
+                };
+                r.record(None, &op, &[]);
+                r.follow_rename(&from.rel, &to.rel, flags);
+            }
+            (true, true) => {}
+            // Exchanging across the boundary: both names change content the
+            // replica cannot derive; the resync settles them.
+            _ if flags & libc::RENAME_EXCHANGE != 0 => {
+                for side in [&from, &to] {
+                    if !side.excluded {
+                        r.mark_whole_dirty(&side.rel);
+                    }
+                }
+            }
+            // Leaving replication: the replica drops the old name.
+            (false, true) => remove(&from.rel, src_is_dir),
+            // Entering replication: whatever the replica had there is replaced by
+            // content it never saw, so it is removed and the path resynced whole.
+            (true, false) => {
+                if dst_existed {
+                    remove(&to.rel, src_is_dir);
+                }
+                // The name exists on the replica from here on (so later records
+                // apply); its content comes with the resync.
+                if let Ok(fd) =
+                    sys::openat(new_parent.fd(), &new, libc::O_PATH | libc::O_NOFOLLOW, 0)
+                    && let Ok(st) = sys::fstat(fd.as_fd())
+                    && let Ok(op) = creation_op(to.rel.to_vec(), &st, fd.as_fd())
+                {
+                    r.record(None, &op, &[]);
+                }
+                r.mark_whole_dirty(&to.rel);
+            }
+        }
+        Ok(())
     }
 
     // ----- files -------------------------------------------------------------
@@ -426,7 +599,25 @@ impl Volume {
             return Err(Error::from_errno(libc::EISDIR));
         }
         let proc = sys::proc_path(inode.fd().as_raw_fd());
-        let fd = sys::open_path(&proc, self.backing_flags(flags))?;
+        let truncates = flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let fd = if let (Some(r), true) = (&self.recorder, truncates) {
+            let _ns = r.data_lock();
+            let _order = inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
+            let fd = sys::open_path(&proc, self.backing_flags(flags))?;
+            if let Some(p) = r.journaled_path(&inode) {
+                r.record(
+                    Some(&inode),
+                    &Op::Truncate {
+                        path: p.to_vec(),
+                        size: 0,
+                    },
+                    &[],
+                );
+            }
+            fd
+        } else {
+            sys::open_path(&proc, self.backing_flags(flags))?
+        };
         Ok(self.register_file(inode, fd, flags))
     }
 
@@ -453,13 +644,37 @@ impl Volume {
         let parent = self.inodes.get(parent)?;
         let cname = self.child_name(&parent, name)?;
         let oflags = self.backing_flags(flags) | libc::O_CREAT | (flags & libc::O_EXCL);
+        let rec = self.recorder.as_ref();
+        let _ns = rec.map(|r| r.namespace_lock());
+        let existed = sys::fstatat(parent.fd(), &cname).is_ok();
         let fd = sys::openat(
             parent.fd(),
             &cname,
             oflags | libc::O_NOFOLLOW,
             mode & 0o7777,
         )?;
-        let entry = self.finish_new(&parent, &cname, caller)?;
+        let entry = if existed {
+            // O_CREAT on an existing file is an open (maybe truncating).
+            let entry = self.lookup_in(&parent, &cname)?;
+            if let Some(r) = rec
+                && flags & libc::O_TRUNC != 0
+                && let Some(info) = r.child_info(&parent, cname.as_bytes())
+                && !info.excluded
+            {
+                let inode = self.inodes.get(entry.attr.ino)?;
+                r.record(
+                    Some(&inode),
+                    &Op::Truncate {
+                        path: info.rel.to_vec(),
+                        size: 0,
+                    },
+                    &[],
+                );
+            }
+            entry
+        } else {
+            self.finish_new(&parent, &cname, caller)?
+        };
         let inode = self.inodes.get(entry.attr.ino)?;
         let opened = self.register_file(inode, fd, flags);
         Ok((entry, opened))
@@ -489,7 +704,14 @@ impl Volume {
         self.writable()?;
         let f = self.handles.file(fh)?;
         let len = u32::try_from(data.len()).map_err(|_| Error::EINVAL)?;
-        let _order = f.inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
+        let rec = self.recorder.as_ref();
+        let ns = rec.map(|r| r.data_lock());
+        let mut state = f.inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
+        let path = rec.and_then(|r| r.journaled_path(&f.inode));
+        let mut overfull = false;
+        if let (Some(r), Some(p)) = (rec, &path) {
+            overfull = r.ensure_hot(&mut state, p, offset, data.len() as u64);
+        }
         let mut done = 0;
         while done < data.len() {
             let n = sys::pwrite(f.file.as_raw_fd(), &data[done..], offset + done as u64)?;
@@ -497,6 +719,30 @@ impl Volume {
                 return Err(Error::EIO);
             }
             done += n;
+        }
+        let seq = match (rec, &path) {
+            (Some(r), Some(p)) => Some(r.record(
+                Some(&f.inode),
+                &Op::Write {
+                    path: p.to_vec(),
+                    offset,
+                },
+                data,
+            )),
+            _ => None,
+        };
+        drop(state);
+        drop(ns);
+        if let Some(r) = rec {
+            if overfull {
+                r.retire_cold();
+            }
+            // O_SYNC/O_DSYNC: the backing write was synchronous; the record must be too.
+            if let Some(seq) = seq
+                && f.flags & (libc::O_SYNC | libc::O_DSYNC) != 0
+            {
+                r.journal().sync_through(seq);
+            }
         }
         Ok(len)
     }
@@ -509,16 +755,45 @@ impl Volume {
         self.handles.remove(fh);
     }
 
+    /// fsync/fdatasync: the backing file and the journal through the file's
+    /// newest record, before the reply.
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let f = self.handles.file(fh)?;
-        sys::fsync(f.file.as_raw_fd(), datasync)
+        sys::fsync(f.file.as_raw_fd(), datasync)?;
+        if let Some(r) = &self.recorder {
+            r.journal()
+                .sync_through(f.inode.last_seq.load(std::sync::atomic::Ordering::Acquire));
+        }
+        Ok(())
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
         self.writable()?;
         let f = self.handles.file(fh)?;
-        let _order = f.inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
-        sys::fallocate(f.file.as_raw_fd(), mode, offset, length)
+        let rec = self.recorder.as_ref();
+        let ns = rec.map(|r| r.data_lock());
+        let mut state = f.inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
+        let path = rec.and_then(|r| r.journaled_path(&f.inode));
+        let mut overfull = false;
+        if let (Some(r), Some(p)) = (rec, &path) {
+            overfull = r.ensure_hot(&mut state, p, offset, length);
+        }
+        sys::fallocate(f.file.as_raw_fd(), mode, offset, length)?;
+        if let (Some(r), Some(p)) = (rec, &path) {
+            let op = Op::Fallocate {
+                path: p.to_vec(),
+                mode,
+                offset,
+                len: length,
+            };
+            r.record(Some(&f.inode), &op, &[]);
+        }
+        drop(state);
+        drop(ns);
+        if overfull && let Some(r) = rec {
+            r.retire_cold();
+        }
+        Ok(())
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
@@ -550,11 +825,18 @@ impl Volume {
         let fout = self.handles.file(fh_out)?;
         // A FUSE reply carries a u32 count.
         let len = len.min(u32::MAX as u64 & !0xfff);
-        let _order = fout
+        let rec = self.recorder.as_ref();
+        let ns = rec.map(|r| r.data_lock());
+        let mut state = fout
             .inode
             .mutation
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        let path = rec.and_then(|r| r.journaled_path(&fout.inode));
+        let mut overfull = false;
+        if let (Some(r), Some(p)) = (rec, &path) {
+            overfull = r.ensure_hot(&mut state, p, offset_out, len);
+        }
         let n = sys::copy_file_range(
             fin.file.as_raw_fd(),
             offset_in,
@@ -562,6 +844,35 @@ impl Volume {
             offset_out,
             len,
         )?;
+        if let (Some(r), Some(p)) = (rec, &path) {
+            // The replica gets the copied bytes as writes, read back from the
+            // destination while it is still locked.
+            const CHUNK: usize = 1 << 20;
+            let mut buf = vec![0u8; CHUNK.min(n)];
+            let mut done = 0usize;
+            while done < n {
+                let want = CHUNK.min(n - done);
+                let got = sys::pread(
+                    fout.file.as_raw_fd(),
+                    &mut buf[..want],
+                    offset_out + done as u64,
+                )?;
+                if got == 0 {
+                    break;
+                }
+                let op = Op::Write {
+                    path: p.to_vec(),
+                    offset: offset_out + done as u64,
+                };
+                r.record(Some(&fout.inode), &op, &buf[..got]);
+                done += got;
+            }
+        }
+        drop(state);
+        drop(ns);
+        if overfull && let Some(r) = rec {
+            r.retire_cold();
+        }
         Ok(n as u32)
     }
 
@@ -650,7 +961,12 @@ impl Volume {
         let dir = self.handles.dir(fh)?;
         let proc = sys::proc_path(dir.inode.fd().as_raw_fd());
         let fd = sys::open_path(&proc, libc::O_RDONLY | libc::O_DIRECTORY)?;
-        sys::fsync(fd.as_raw_fd(), datasync)
+        sys::fsync(fd.as_raw_fd(), datasync)?;
+        // Names in the directory are namespace records: make all of them durable.
+        if let Some(r) = &self.recorder {
+            r.journal().sync_through(r.journal().last_seq());
+        }
+        Ok(())
     }
 
     // ----- the rest ----------------------------------------------------------
@@ -727,8 +1043,22 @@ impl Volume {
         if inode.is_symlink() {
             return Err(Error::EPERM);
         }
+        let rec = self.recorder.as_ref();
+        let _ns = rec.map(|r| r.data_lock());
         let _order = inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
-        sys::setxattr(&proc, &sys::cstr(name)?, value, flags)
+        sys::setxattr(&proc, &sys::cstr(name)?, value, flags)?;
+        if let Some(r) = rec
+            && let Some(p) = r.journaled_path(&inode)
+        {
+            let op = Op::SetXattr {
+                path: p.to_vec(),
+                name: name.as_bytes().to_vec(),
+                value: value.to_vec(),
+                flags,
+            };
+            r.record(Some(&inode), &op, &[]);
+        }
+        Ok(())
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
@@ -737,9 +1067,46 @@ impl Volume {
         if inode.is_symlink() {
             return Err(Error::EPERM);
         }
+        let rec = self.recorder.as_ref();
+        let _ns = rec.map(|r| r.data_lock());
         let _order = inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
-        sys::removexattr(&proc, &sys::cstr(name)?)
+        sys::removexattr(&proc, &sys::cstr(name)?)?;
+        if let Some(r) = rec
+            && let Some(p) = r.journaled_path(&inode)
+        {
+            let op = Op::RemoveXattr {
+                path: p.to_vec(),
+                name: name.as_bytes().to_vec(),
+            };
+            r.record(Some(&inode), &op, &[]);
+        }
+        Ok(())
     }
+}
+
+/// The record that creates an object like the one `st` describes at `path`.
+fn creation_op(path: Vec<u8>, st: &libc::stat, fd: std::os::fd::BorrowedFd<'_>) -> Result<Op> {
+    Ok(match st.st_mode & libc::S_IFMT {
+        libc::S_IFDIR => Op::Mkdir {
+            path,
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+        },
+        libc::S_IFLNK => Op::Symlink {
+            path,
+            target: sys::readlink_fd(fd)?,
+            uid: st.st_uid,
+            gid: st.st_gid,
+        },
+        _ => Op::Mknod {
+            path,
+            mode: st.st_mode,
+            rdev: st.st_rdev,
+            uid: st.st_uid,
+            gid: st.st_gid,
+        },
+    })
 }
 
 fn to_timespec(t: Option<TimeSpec>) -> libc::timespec {

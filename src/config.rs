@@ -1,0 +1,181 @@
+//! The configuration file: one TOML file, every option documented in the README
+//! with its default. Unknown keys and bad values are refused with the line and a
+//! reason; command-line flags override what the file says.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::journal::JournalOptions;
+use crate::journal::exclude::Exclusions;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The directory that holds the files. No default (CLI argument or here).
+    pub backing_dir: Option<PathBuf>,
+    /// Where the files appear. No default (CLI argument or here).
+    pub mountpoint: Option<PathBuf>,
+    /// replicafs's own state (journal, keys). Default: BACKING_DIR/.replicafs.
+    pub state_dir: Option<PathBuf>,
+    /// Let other users (the hypervisor's) use the mount. Default false.
+    pub allow_other: bool,
+    /// Refuse every write with EROFS. Default false.
+    pub read_only: bool,
+    /// Threads serving kernel requests. Default 2 x cores (4..32).
+    pub threads: Option<usize>,
+    /// Kernel writeback cache. Default true.
+    pub writeback_cache: bool,
+    /// FUSE passthrough for read-only opens (only when the writeback cache is off,
+    /// the kernel refuses both together). Default true.
+    pub passthrough: bool,
+    /// Globs of paths never journaled or replicated. Default none.
+    pub exclude: Vec<String>,
+    pub journal: JournalConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    /// Journal every mutation. Default true.
+    pub enabled: bool,
+    #[serde(flatten)]
+    pub options: JournalOptions,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            enabled: true,
+            options: JournalOptions::default(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            backing_dir: None,
+            mountpoint: None,
+            state_dir: None,
+            allow_other: false,
+            read_only: false,
+            threads: None,
+            writeback_cache: true,
+            passthrough: true,
+            exclude: Vec::new(),
+            journal: JournalConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(String, std::io::Error),
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config file {path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read(path.display().to_string(), e))?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; `origin` names the file in messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let message = match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}: {}", e.message())
+                }
+                None => e.message().to_string(),
+            };
+            ConfigError::Parse {
+                path: origin.to_string(),
+                message,
+            }
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: origin.to_string(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.threads == Some(0) {
+            return Err("threads must be at least 1".into());
+        }
+        if matches!(self.threads, Some(t) if t > 256) {
+            return Err("threads must be at most 256".into());
+        }
+        Exclusions::new(&self.exclude)?;
+        self.journal.options.validate()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::parse("", "t").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = Config::parse(
+            r#"
+backing_dir = "/srv/vm"
+mountpoint = "/mnt/vm"
+allow_other = true
+threads = 8
+exclude = ["**/pagefile*", "*.swap"]
+[journal]
+cap_bytes = 1073741824
+sync_activity_log = false
+"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.threads, Some(8));
+        assert_eq!(c.exclude.len(), 2);
+        assert_eq!(c.journal.options.cap_bytes, 1 << 30);
+        assert!(!c.journal.options.sync_activity_log);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_the_line() {
+        let e = Config::parse("threads = 2\nbogus = 1\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::parse("[journal]\ncap = 5\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cap"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for bad in [
+            "threads = 0",
+            "threads = -1",
+            "threads = \"many\"",
+            "exclude = [\"a[\"]",
+            "[journal]\ncap_bytes = 10",
+            "[journal]\nextent_bytes = 5000",
+        ] {
+            assert!(Config::parse(bad, "t").is_err(), "{bad} accepted");
+        }
+    }
+}

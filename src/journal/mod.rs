@@ -1,0 +1,854 @@
+//! The journal: every mutation of the mount, in order, under the state directory.
+//!
+//! Layout (see docs/ARCHITECTURE.md for the reasoning):
+//! - `journal/seg-<first seq>.log`: append-only segment files of self-describing
+//!   frames (header, op, payload, crc). They are the source of truth.
+//! - `journal/index.sled`: sled trees — `index` (seq big-endian → segment, offset,
+//!   length), `dirty` (regions to resync), `meta`.
+//! - `journal/activity.log`: hot extents (see [`dirty::ActivityLog`]).
+//! - `journal/CLEAN`: present only after a clean shutdown; holds the next seq.
+//!
+//! Request threads encode a frame and queue it (group commit); one writer thread
+//! appends frames to the active segment in sequence order, indexes them, and
+//! fdatasyncs when someone waits in [`Journal::sync_through`].
+
+pub mod apply;
+pub mod dirty;
+pub mod exclude;
+pub mod record;
+pub mod segment;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use dirty::{ActivityLog, DirtyList, DirtyRegion, Extent};
+pub use record::{Op, Record, Timestamp};
+use segment::ActiveSegment;
+
+/// Journal settings; every field has a documented default (see README).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalOptions {
+    /// Most bytes of untrimmed records kept on disk; beyond it the oldest
+    /// segments are dropped and their regions marked dirty. Default 8 GiB.
+    pub cap_bytes: u64,
+    /// Size at which a new segment file is started. Default 64 MiB.
+    pub segment_bytes: u64,
+    /// Extent size of the activity log. Default 16 MiB.
+    pub extent_bytes: u64,
+    /// Hot extents kept before the coldest are retired. Default 1024.
+    pub activity_slots: usize,
+    /// fdatasync the activity log when an extent becomes hot, so that a power
+    /// loss cannot hide a write. Default true.
+    pub sync_activity_log: bool,
+}
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        JournalOptions {
+            cap_bytes: 8 << 30,
+            segment_bytes: 64 << 20,
+            extent_bytes: 16 << 20,
+            activity_slots: 1024,
+            sync_activity_log: true,
+        }
+    }
+}
+
+impl JournalOptions {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.segment_bytes < (1 << 20) {
+            return Err("journal.segment_bytes must be at least 1 MiB".into());
+        }
+        if self.cap_bytes < 4 * self.segment_bytes {
+            return Err(format!(
+                "journal.cap_bytes ({}) must be at least 4 x journal.segment_bytes ({})",
+                self.cap_bytes, self.segment_bytes
+            ));
+        }
+        if !self.extent_bytes.is_power_of_two() || self.extent_bytes < 4096 {
+            return Err("journal.extent_bytes must be a power of two >= 4096".into());
+        }
+        if self.activity_slots < 16 {
+            return Err("journal.activity_slots must be at least 16".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("journal index (sled): {0}")]
+    Sled(#[from] sled::Error),
+    #[error("invalid journal options: {0}")]
+    Options(String),
+}
+
+/// What opening the journal found.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    pub clean: bool,
+    /// Records found in segments.
+    pub records: u64,
+    /// Bytes cut from a torn tail.
+    pub torn_bytes: u64,
+    /// Extents of the activity log that were hot and are now in the dirty list.
+    pub hot_extents: usize,
+}
+
+/// Index entry: where a record's frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u32,
+    pub data_len: u32,
+}
+
+impl Location {
+    fn encode(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..8].copy_from_slice(&self.segment.to_le_bytes());
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b[16..20].copy_from_slice(&self.len.to_le_bytes());
+        b[20..24].copy_from_slice(&self.data_len.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Location> {
+        if b.len() != 24 {
+            return None;
+        }
+        Some(Location {
+            segment: u64::from_le_bytes(b[0..8].try_into().ok()?),
+            offset: u64::from_le_bytes(b[8..16].try_into().ok()?),
+            len: u32::from_le_bytes(b[16..20].try_into().ok()?),
+            data_len: u32::from_le_bytes(b[20..24].try_into().ok()?),
+        })
+    }
+}
+
+/// Counters and sizes for `replicafs journal stats`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub records: u64,
+    pub oldest_seq: Option<u64>,
+    pub newest_seq: Option<u64>,
+    pub next_seq: u64,
+    pub segments: usize,
+    pub segment_bytes: u64,
+    pub sled_bytes: u64,
+    pub trimmed_through: u64,
+    /// Records dropped unreplicated because of the cap (their regions are dirty).
+    pub dropped_through: u64,
+    pub dirty_regions: usize,
+    pub payload_bytes_appended: u64,
+    pub frame_bytes_appended: u64,
+}
+
+enum Msg {
+    Frame {
+        seq: u64,
+        bytes: Vec<u8>,
+        data_len: u32,
+    },
+    Sync(u64),
+    Trim(u64),
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Every seq up to this one is in the segment file (not necessarily on disk).
+    written: u64,
+    /// Every seq up to this one is on disk.
+    durable: u64,
+}
+
+struct Shared {
+    state: Mutex<SyncState>,
+    cond: Condvar,
+    payload_bytes: AtomicU64,
+    frame_bytes: AtomicU64,
+}
+
+pub struct Journal {
+    dir: PathBuf,
+    db: sled::Db,
+    index: sled::Tree,
+    meta: sled::Tree,
+    dirty: DirtyList,
+    next_seq: AtomicU64,
+    tx: Mutex<Option<Sender<Msg>>>,
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    activity: Mutex<ActivityLog>,
+    activity_epoch: Arc<AtomicU64>,
+    options: JournalOptions,
+}
+
+const CLEAN_MARKER: &str = "CLEAN";
+
+fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+fn meta_u64(meta: &sled::Tree, key: &str) -> u64 {
+    meta.get(key)
+        .ok()
+        .flatten()
+        .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+        .unwrap_or(0)
+}
+
+/// The journal directory inside a state directory.
+pub fn journal_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("journal")
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal under `state_dir`, recovering after
+    /// an unclean stop, and starts its writer thread.
+    pub fn open(
+        state_dir: &Path,
+        options: JournalOptions,
+    ) -> Result<(Journal, Recovery), JournalError> {
+        options.validate().map_err(JournalError::Options)?;
+        let dir = journal_dir(state_dir);
+        std::fs::create_dir_all(&dir)?;
+        let db = sled::Config::new()
+            .path(dir.join("index.sled"))
+            .cache_capacity(64 << 20)
+            .open()?;
+        let index = db.open_tree("index")?;
+        let meta = db.open_tree("meta")?;
+        let dirty = DirtyList::new(db.open_tree("dirty")?);
+
+        let marker = dir.join(CLEAN_MARKER);
+        let clean_next: Option<u64> = std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let fresh = segment::list_segments(&dir)?.is_empty() && index.is_empty();
+        let mut recovery = Recovery {
+            clean: clean_next.is_some() || fresh,
+            ..Default::default()
+        };
+        if marker.exists() {
+            std::fs::remove_file(&marker)?;
+            segment::sync_dir(&dir)?;
+        }
+
+        let segments = segment::list_segments(&dir)?;
+        let floor = meta_u64(&meta, "trimmed_through").max(meta_u64(&meta, "dropped_through")) + 1;
+        let mut next_seq = floor.max(clean_next.unwrap_or(0)).max(1);
+        let active = if let Some((last_first, last_path)) = segments.last().cloned() {
+            let index_next = index
+                .last()?
+                .map(|(k, _)| u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])) + 1);
+            let trusted = matches!((clean_next, index_next), (Some(c), Some(i)) if c == i)
+                || (clean_next.is_some() && index_next.is_none());
+            if trusted {
+                let len = std::fs::metadata(&last_path)?.len();
+                next_seq = next_seq
+                    .max(index_next.unwrap_or(last_first))
+                    .max(last_first);
+                recovery.records = index.len() as u64;
+                ActiveSegment::reopen(last_path, last_first, len)?
+            } else {
+                // Rebuild the index from the segments: they are the truth.
+                index.clear()?;
+                let mut last_valid_len = 0;
+                let mut last_frames_end = last_first;
+                for (i, (first, path)) in segments.iter().enumerate() {
+                    let is_last = i + 1 == segments.len();
+                    let scan = segment::scan(path, is_last)?;
+                    let mut batch = sled::Batch::default();
+                    for f in &scan.frames {
+                        if f.seq < floor {
+                            continue;
+                        }
+                        let loc = Location {
+                            segment: *first,
+                            offset: f.offset,
+                            len: f.len,
+                            data_len: f.data_len,
+                        };
+                        batch.insert(&seq_key(f.seq), &loc.encode());
+                        recovery.records += 1;
+                    }
+                    index.apply_batch(batch)?;
+                    let file_len = std::fs::metadata(path)?.len();
+                    if let Some(e) = &scan.stopped {
+                        recovery.torn_bytes += file_len - scan.valid_len;
+                        if !is_last {
+                            // A bad frame before the tail: what follows cannot be
+                            // trusted to be in order, so everything is suspect.
+                            error!(segment = %path.display(), error = %e, "corrupt journal segment; marking the whole tree dirty");
+                            dirty.add_whole(b"")?;
+                        } else {
+                            warn!(segment = %path.display(), error = %e, bytes = file_len - scan.valid_len, "cutting torn journal tail");
+                        }
+                    }
+                    if let Some(f) = scan.frames.last() {
+                        next_seq = next_seq.max(f.seq + 1);
+                    }
+                    next_seq = next_seq.max(*first);
+                    if is_last {
+                        last_valid_len = scan.valid_len;
+                        last_frames_end = *first;
+                    }
+                }
+                ActiveSegment::reopen(last_path, last_frames_end, last_valid_len)?
+            }
+        } else {
+            ActiveSegment::create(&dir, next_seq)?
+        };
+        segment::sync_dir(&dir)?;
+
+        let (activity, hot) =
+            ActivityLog::open(&dir.join("activity.log"), options.sync_activity_log)?;
+        recovery.hot_extents = hot.len();
+        for (path, idx) in &hot {
+            dirty.add_range(path, idx * options.extent_bytes, options.extent_bytes)?;
+        }
+        db.flush()?;
+
+        let shared = Arc::new(Shared {
+            state: Mutex::new(SyncState {
+                written: next_seq - 1,
+                durable: next_seq - 1,
+            }),
+            cond: Condvar::new(),
+            payload_bytes: AtomicU64::new(0),
+            frame_bytes: AtomicU64::new(0),
+        });
+        let (tx, rx) = bounded(1024);
+        let writer = Writer {
+            dir: dir.clone(),
+            index: index.clone(),
+            meta: meta.clone(),
+            dirty: dirty.clone(),
+            segment: active,
+            next_write: next_seq,
+            pending: BTreeMap::new(),
+            sync_target: 0,
+            shared: shared.clone(),
+            options: options.clone(),
+            dir_dirty: false,
+        };
+        let handle = std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || writer.run(rx))?;
+        info!(
+            clean = recovery.clean,
+            records = recovery.records,
+            next_seq,
+            hot_extents = recovery.hot_extents,
+            "journal opened"
+        );
+        Ok((
+            Journal {
+                dir,
+                db,
+                index,
+                meta,
+                dirty,
+                next_seq: AtomicU64::new(next_seq),
+                tx: Mutex::new(Some(tx)),
+                shared,
+                writer: Mutex::new(Some(handle)),
+                activity_epoch: activity.epoch_handle(),
+                activity: Mutex::new(activity),
+                options,
+            },
+            recovery,
+        ))
+    }
+
+    pub fn options(&self) -> &JournalOptions {
+        &self.options
+    }
+
+    fn send(&self, msg: Msg) {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(tx) = tx
+            && tx.send(msg).is_ok()
+        {
+            return;
+        }
+        error!("journal writer is gone; a record was not journaled");
+    }
+
+    /// Assigns the next seq to `op` and queues it; returns the seq. The caller
+    /// holds the file's mutation lock, so per-file order is seq order.
+    pub fn append(&self, op: &Op, data: &[u8]) -> u64 {
+        let op_bytes = record::encode_op(op);
+        let seq = self.next_seq.fetch_add(1, Ordering::AcqRel);
+        let mut bytes = Vec::with_capacity(record::HEADER_LEN + op_bytes.len() + data.len());
+        record::encode_frame(seq, &op_bytes, data, &mut bytes);
+        self.shared
+            .payload_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.shared
+            .frame_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.send(Msg::Frame {
+            seq,
+            bytes,
+            data_len: data.len() as u32,
+        });
+        seq
+    }
+
+    /// The newest seq handed out (0 if none).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::Acquire) - 1
+    }
+
+    pub fn durable_seq(&self) -> u64 {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .durable
+    }
+
+    /// Blocks until every record up to `seq` is on disk.
+    pub fn sync_through(&self, seq: u64) {
+        {
+            let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.durable >= seq {
+                return;
+            }
+        }
+        self.send(Msg::Sync(seq));
+        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.durable < seq {
+            if self.tx.lock().map(|t| t.is_none()).unwrap_or(true) {
+                return;
+            }
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Forgets records up to `seq` (every replica applied them); whole segments
+    /// at or below it are deleted.
+    pub fn trim_through(&self, seq: u64) {
+        self.send(Msg::Trim(seq));
+    }
+
+    /// Makes sure extents `first..=last` of `path` are hot in the activity log
+    /// before a write reaches the backing file. Returns true when the log is
+    /// overfull and [`Journal::retire_cold_extents`] should run.
+    pub fn activate(&self, path: &[u8], first: u64, last: u64) -> io::Result<bool> {
+        let extents: Vec<Extent> = (first..=last).map(|i| (path.to_vec(), i)).collect();
+        let mut al = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+        al.activate(&extents, self.options.activity_slots)
+    }
+
+    /// Extent indexes `first..=last` covering a byte range.
+    pub fn extent_range(&self, offset: u64, len: u64) -> (u64, u64) {
+        let shift = self.options.extent_bytes.trailing_zeros();
+        (
+            offset >> shift,
+            offset.saturating_add(len.max(1) - 1) >> shift,
+        )
+    }
+
+    /// Changes whenever extents retire; a cached "hot" answer is valid only under it.
+    pub fn activity_epoch(&self) -> u64 {
+        self.activity_epoch.load(Ordering::Acquire)
+    }
+
+    /// Retires the coldest extents. The caller must guarantee no write is between
+    /// its backing write and its append (the volume holds its namespace lock
+    /// exclusively); the journal is synced first so every retired write is durable.
+    pub fn retire_cold_extents(&self) -> io::Result<usize> {
+        self.sync_through(self.last_seq());
+        let mut al = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+        let cold = al.coldest(self.options.activity_slots / 2);
+        al.retire(&cold)?;
+        Ok(cold.len())
+    }
+
+    pub fn dirty(&self) -> &DirtyList {
+        &self.dirty
+    }
+
+    /// Marks a region dirty directly (for changes that cannot be journaled as records).
+    pub fn mark_dirty(&self, region: &DirtyRegion) {
+        if let Err(e) = self.dirty.add(region) {
+            error!(error = %e, "cannot record a dirty region");
+        }
+    }
+
+    pub fn location(&self, seq: u64) -> Option<Location> {
+        self.index
+            .get(seq_key(seq))
+            .ok()
+            .flatten()
+            .and_then(|v| Location::decode(&v))
+    }
+
+    /// Reads one record (it must have been written by the writer thread already).
+    pub fn read(&self, seq: u64) -> io::Result<Option<Record>> {
+        let Some(loc) = self.location(seq) else {
+            return Ok(None);
+        };
+        segment::read_frame(
+            &segment::segment_path(&self.dir, loc.segment),
+            loc.offset,
+            loc.len,
+        )
+        .map(Some)
+    }
+
+    /// Waits until the writer has put every record up to `seq` into its segment.
+    pub fn wait_written(&self, seq: u64) {
+        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.written < seq {
+            if self.tx.lock().map(|t| t.is_none()).unwrap_or(true) {
+                return;
+            }
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, std::time::Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Records with seq in `from..=to`, in order.
+    pub fn records(&self, from: u64, to: u64) -> impl Iterator<Item = io::Result<Record>> + '_ {
+        self.index
+            .range(seq_key(from)..=seq_key(to))
+            .map(move |kv| {
+                let (_, v) = kv.map_err(io::Error::other)?;
+                let loc = Location::decode(&v)
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad index entry"))?;
+                segment::read_frame(
+                    &segment::segment_path(&self.dir, loc.segment),
+                    loc.offset,
+                    loc.len,
+                )
+            })
+    }
+
+    pub fn stats(&self) -> Stats {
+        let first = self
+            .index
+            .first()
+            .ok()
+            .flatten()
+            .and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes));
+        let last = self
+            .index
+            .last()
+            .ok()
+            .flatten()
+            .and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes));
+        let segs = segment::list_segments(&self.dir).unwrap_or_default();
+        let segment_bytes = segs
+            .iter()
+            .map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        Stats {
+            records: self.index.len() as u64,
+            oldest_seq: first,
+            newest_seq: last,
+            next_seq: self.next_seq.load(Ordering::Acquire),
+            segments: segs.len(),
+            segment_bytes,
+            sled_bytes: self.db.size_on_disk().unwrap_or(0),
+            trimmed_through: meta_u64(&self.meta, "trimmed_through"),
+            dropped_through: meta_u64(&self.meta, "dropped_through"),
+            dirty_regions: self.dirty.regions().map(|r| r.len()).unwrap_or(0),
+            payload_bytes_appended: self.shared.payload_bytes.load(Ordering::Relaxed),
+            frame_bytes_appended: self.shared.frame_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Flushes everything, stops the writer and leaves the clean marker.
+    pub fn close(&self) -> Result<(), JournalError> {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(tx) = tx else {
+            return Ok(());
+        };
+        drop(tx);
+        if let Some(h) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = h.join();
+        }
+        self.activity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retire_all()?;
+        self.db.flush()?;
+        let next = self.next_seq.load(Ordering::Acquire);
+        let marker = self.dir.join(CLEAN_MARKER);
+        std::fs::write(&marker, format!("{next}\n"))?;
+        std::fs::File::open(&marker)?.sync_all()?;
+        segment::sync_dir(&self.dir)?;
+        info!(next_seq = next, "journal closed cleanly");
+        Ok(())
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            error!(error = %e, "journal did not close cleanly");
+        }
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    dir: PathBuf,
+    index: sled::Tree,
+    meta: sled::Tree,
+    dirty: DirtyList,
+    segment: ActiveSegment,
+    next_write: u64,
+    pending: BTreeMap<u64, (Vec<u8>, u32)>,
+    sync_target: u64,
+    shared: Arc<Shared>,
+    options: JournalOptions,
+    /// A segment file was created or removed since the last directory fsync.
+    dir_dirty: bool,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Msg>) {
+        let mut buf = Vec::with_capacity(8 << 20);
+        while let Ok(first) = rx.recv() {
+            let mut trim = None;
+            let mut batch_bytes = 0usize;
+            let mut msg = Some(first);
+            while let Some(m) = msg.take() {
+                match m {
+                    Msg::Frame {
+                        seq,
+                        bytes,
+                        data_len,
+                    } => {
+                        batch_bytes += bytes.len();
+                        self.pending.insert(seq, (bytes, data_len));
+                    }
+                    Msg::Sync(s) => self.sync_target = self.sync_target.max(s),
+                    Msg::Trim(s) => trim = Some(trim.unwrap_or(0).max(s)),
+                }
+                if batch_bytes < (8 << 20) {
+                    msg = rx.try_recv().ok();
+                }
+            }
+            if let Err(e) = self.write_pending(&mut buf) {
+                self.fail(e);
+            }
+            if let Some(t) = trim
+                && let Err(e) = self.trim(t)
+            {
+                error!(error = %e, "journal trim failed");
+            }
+            if let Err(e) = self.enforce_cap() {
+                error!(error = %e, "journal cap enforcement failed");
+            }
+        }
+        // Senders are gone: write what is left and make it durable.
+        if let Err(e) = self.write_pending(&mut buf) {
+            self.fail(e);
+        }
+        self.sync_target = u64::MAX;
+        if let Err(e) = self.sync() {
+            self.fail(e);
+        }
+    }
+
+    /// A segment write failed: the records cannot be journaled, so their regions
+    /// become dirty and waiters are released (the VM must not block).
+    fn fail(&mut self, e: io::Error) {
+        error!(error = %e, "journal write failed; affected regions are marked dirty");
+        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.written = st.written.max(self.next_write - 1);
+        st.durable = st.written;
+        self.shared.cond.notify_all();
+    }
+
+    fn write_pending(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
+        let mut batch = sled::Batch::default();
+        buf.clear();
+        let mut base = self.segment.len;
+        while let Some((bytes, data_len)) = self.pending.remove(&self.next_write) {
+            if base + buf.len() as u64 + bytes.len() as u64 > self.options.segment_bytes
+                && base + buf.len() as u64 > 0
+            {
+                if let Err(e) = self.segment.append(buf) {
+                    self.mark_frames_dirty(buf);
+                    return Err(e);
+                }
+                buf.clear();
+                self.roll()?;
+                base = 0;
+            }
+            let loc = Location {
+                segment: self.segment.first_seq,
+                offset: base + buf.len() as u64,
+                len: bytes.len() as u32,
+                data_len,
+            };
+            batch.insert(&seq_key(self.next_write), &loc.encode());
+            buf.extend_from_slice(&bytes);
+            self.next_write += 1;
+        }
+        if !buf.is_empty()
+            && let Err(e) = self.segment.append(buf)
+        {
+            self.mark_frames_dirty(buf);
+            return Err(e);
+        }
+        self.index.apply_batch(batch).map_err(io::Error::other)?;
+        {
+            let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.written = self.next_write - 1;
+            self.shared.cond.notify_all();
+        }
+        if self.sync_target > self.shared.state.lock().map(|s| s.durable).unwrap_or(0) {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn mark_frames_dirty(&self, buf: &[u8]) {
+        let mut at = 0;
+        while at < buf.len() {
+            let Ok(r) = record::decode_frame(&buf[at..]) else {
+                break;
+            };
+            at += record::HEADER_LEN + record::encode_op(&r.op).len() + r.data.len();
+            mark_record_dirty(&self.dirty, &r);
+        }
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.segment.sync()?;
+        if self.dir_dirty {
+            segment::sync_dir(&self.dir)?;
+            self.dir_dirty = false;
+        }
+        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.durable = st.written;
+        self.shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// Seals the active segment (synced, so durability never goes backwards) and
+    /// starts the next one.
+    fn roll(&mut self) -> io::Result<()> {
+        self.segment.sync()?;
+        self.segment = ActiveSegment::create(&self.dir, self.next_write)?;
+        self.dir_dirty = true;
+        Ok(())
+    }
+
+    fn sealed_segments(&self) -> io::Result<Vec<(u64, u64, std::path::PathBuf)>> {
+        // (first seq, last seq, path) of every segment but the active one.
+        let segs = segment::list_segments(&self.dir)?;
+        let mut out = Vec::new();
+        for w in segs.windows(2) {
+            out.push((w[0].0, w[1].0 - 1, w[0].1.clone()));
+        }
+        Ok(out)
+    }
+
+    fn trim(&mut self, through: u64) -> io::Result<()> {
+        let through = through.min(self.next_write - 1);
+        let mut batch = sled::Batch::default();
+        for kv in self.index.range(..=seq_key(through)) {
+            let (k, _) = kv.map_err(io::Error::other)?;
+            batch.remove(k);
+        }
+        self.index.apply_batch(batch).map_err(io::Error::other)?;
+        for (_, last, path) in self.sealed_segments()? {
+            if last <= through {
+                std::fs::remove_file(&path)?;
+                self.dir_dirty = true;
+            }
+        }
+        self.meta
+            .insert("trimmed_through", &through.to_be_bytes())
+            .map_err(io::Error::other)?;
+        Ok(())
+    }
+
+    /// Keeps the segments under the cap: the oldest are dropped unreplicated and
+    /// everything they touched is marked dirty for the resync.
+    fn enforce_cap(&mut self) -> io::Result<()> {
+        let sealed = self.sealed_segments()?;
+        let mut total: u64 = self.segment.len;
+        let mut sizes = Vec::new();
+        for (first, last, path) in &sealed {
+            let len = std::fs::metadata(path)?.len();
+            total += len;
+            sizes.push((*first, *last, path.clone(), len));
+        }
+        if total <= self.options.cap_bytes {
+            return Ok(());
+        }
+        for (_, last, path, len) in sizes {
+            if total <= self.options.cap_bytes {
+                break;
+            }
+            for r in segment::read_all(&path)? {
+                mark_record_dirty(&self.dirty, &r);
+            }
+            let mut batch = sled::Batch::default();
+            for kv in self.index.range(..=seq_key(last)) {
+                let (k, _) = kv.map_err(io::Error::other)?;
+                batch.remove(k);
+            }
+            self.index.apply_batch(batch).map_err(io::Error::other)?;
+            self.meta
+                .insert("dropped_through", &last.to_be_bytes())
+                .map_err(io::Error::other)?;
+            std::fs::remove_file(&path)?;
+            self.dir_dirty = true;
+            total -= len;
+            warn!(
+                through = last,
+                bytes = len,
+                "journal cap reached: dropped the oldest segment, its regions are dirty"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The regions a record touched, for the dirty list.
+pub fn mark_record_dirty(dirty: &DirtyList, r: &Record) {
+    let res = match &r.op {
+        Op::Write { path, offset } => dirty.add_range(path, *offset, r.data.len() as u64),
+        Op::Fallocate {
+            path, offset, len, ..
+        } => dirty.add_range(path, *offset, *len),
+        Op::Rename { from, to, .. } => dirty.add_whole(from).and(dirty.add_whole(to)),
+        Op::Link { existing, path } => dirty.add_whole(existing).and(dirty.add_whole(path)),
+        other => dirty.add_whole(other.path()),
+    };
+    if let Err(e) = res {
+        error!(error = %e, "cannot record a dirty region");
+    }
+}

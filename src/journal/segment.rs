@@ -1,0 +1,198 @@
+//! Segment files: append-only files of journal frames, named by the sequence
+//! number of their first record. Payload bytes live here (sled only indexes them),
+//! and a segment is deleted whole once every record in it is trimmed.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::record::{self, FrameError, FrameHeader, HEADER_LEN, Record};
+
+pub fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("seg-{first_seq:020}.log"))
+}
+
+/// Segments in `dir`, oldest first, as (first seq, path).
+pub fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(num) = name
+            .strip_prefix("seg-")
+            .and_then(|n| n.strip_suffix(".log"))
+            && let Ok(first) = num.parse::<u64>()
+        {
+            out.push((first, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// fsync of a directory, so that a created or removed file name is durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The segment being appended to.
+#[derive(Debug)]
+pub struct ActiveSegment {
+    pub first_seq: u64,
+    pub path: PathBuf,
+    file: File,
+    pub len: u64,
+}
+
+impl ActiveSegment {
+    pub fn create(dir: &Path, first_seq: u64) -> io::Result<ActiveSegment> {
+        let path = segment_path(dir, first_seq);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        Ok(ActiveSegment {
+            first_seq,
+            path,
+            file,
+            len: 0,
+        })
+    }
+
+    /// Reopens an existing segment for appending after `valid_len` bytes (a torn
+    /// tail beyond it is cut off).
+    pub fn reopen(path: PathBuf, first_seq: u64, valid_len: u64) -> io::Result<ActiveSegment> {
+        let mut file = OpenOptions::new().read(true).write(true).open(&path)?;
+        file.set_len(valid_len)?;
+        file.seek(SeekFrom::Start(valid_len))?;
+        Ok(ActiveSegment {
+            first_seq,
+            path,
+            file,
+            len: valid_len,
+        })
+    }
+
+    pub fn append(&mut self, bytes: &[u8]) -> io::Result<u64> {
+        let at = self.len;
+        self.file.write_all(bytes)?;
+        self.len += bytes.len() as u64;
+        Ok(at)
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// Reads one frame at a known place.
+pub fn read_frame(path: &Path, offset: u64, len: u32) -> io::Result<Record> {
+    let file = File::open(path)?;
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset)?;
+    record::decode_frame(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// One frame found by a scan.
+#[derive(Debug, Clone, Copy)]
+pub struct ScannedFrame {
+    pub seq: u64,
+    pub offset: u64,
+    pub len: u32,
+    pub data_len: u32,
+}
+
+/// What a scan of a segment found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub frames: Vec<ScannedFrame>,
+    /// Bytes up to the end of the last good frame.
+    pub valid_len: u64,
+    /// Why the scan stopped before the end of the file, if it did.
+    pub stopped: Option<FrameError>,
+}
+
+/// Walks a segment frame by frame. With `verify`, every checksum is checked
+/// (needed for a tail that may be torn); otherwise only headers are read.
+pub fn scan(path: &Path, verify: bool) -> io::Result<Scan> {
+    let file = File::open(path)?;
+    let total = file.metadata()?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut out = Scan::default();
+    let mut offset = 0u64;
+    let mut header = [0u8; HEADER_LEN];
+    let mut body = Vec::new();
+    let mut prev_seq: Option<u64> = None;
+    while offset < total {
+        if total - offset < HEADER_LEN as u64 {
+            out.stopped = Some(FrameError::Truncated(
+                (HEADER_LEN as u64 - (total - offset)) as usize,
+            ));
+            break;
+        }
+        reader.read_exact(&mut header)?;
+        let h = match FrameHeader::parse(&header) {
+            Ok(h) => h,
+            Err(e) => {
+                out.stopped = Some(e);
+                break;
+            }
+        };
+        let rest = h.frame_len() - HEADER_LEN;
+        if total - offset < h.frame_len() as u64 {
+            out.stopped = Some(FrameError::Truncated(
+                (h.frame_len() as u64 - (total - offset)) as usize,
+            ));
+            break;
+        }
+        if prev_seq.is_some_and(|p| h.seq != p + 1) {
+            // Sequence numbers in a segment are consecutive; a gap means garbage.
+            out.stopped = Some(FrameError::Checksum);
+            break;
+        }
+        if verify {
+            body.clear();
+            body.extend_from_slice(&header);
+            body.resize(h.frame_len(), 0);
+            reader.read_exact(&mut body[HEADER_LEN..])?;
+            if let Err(e) = record::decode_frame(&body) {
+                out.stopped = Some(e);
+                break;
+            }
+        } else {
+            reader.seek_relative(rest as i64)?;
+        }
+        out.frames.push(ScannedFrame {
+            seq: h.seq,
+            offset,
+            len: h.frame_len() as u32,
+            data_len: h.data_len,
+        });
+        prev_seq = Some(h.seq);
+        offset += h.frame_len() as u64;
+        out.valid_len = offset;
+    }
+    Ok(out)
+}
+
+/// Reads every record of a segment (verifying each), stopping at the first bad frame.
+pub fn read_all(path: &Path) -> io::Result<Vec<Record>> {
+    let bytes = std::fs::read(path)?;
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let Ok(h) = FrameHeader::parse(&bytes[at..]) else {
+            break;
+        };
+        let Ok(r) = record::decode_frame(&bytes[at..]) else {
+            break;
+        };
+        at += h.frame_len();
+        out.push(r);
+    }
+    Ok(out)
+}

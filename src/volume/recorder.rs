@@ -1,0 +1,218 @@
+//! The volume's link to the journal: names inodes by path, applies exclusions,
+//! keeps the activity log ahead of backing writes, and orders records.
+//!
+//! Ordering: data mutations hold the namespace lock shared plus the file's own
+//! mutation lock around "apply to backing + append"; namespace mutations hold the
+//! namespace lock exclusively. So a record's path is the path the object had when
+//! the mutation happened, and for any file, journal order is application order.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use tracing::{error, warn};
+
+use super::inode::{FileState, Inode, PathInfo};
+use crate::journal::dirty::DirtyRegion;
+use crate::journal::exclude::Exclusions;
+use crate::journal::{Journal, Op};
+
+pub struct Recorder {
+    journal: Arc<Journal>,
+    exclusions: RwLock<Arc<Exclusions>>,
+    namespace: RwLock<()>,
+    /// Bumped by every change that can move an existing object's path.
+    generation: AtomicU64,
+    /// The backing dir as the kernel prints it in /proc/self/fd links, with a
+    /// trailing '/'.
+    prefix: Vec<u8>,
+}
+
+impl Recorder {
+    pub fn new(
+        journal: Arc<Journal>,
+        exclusions: Exclusions,
+        backing: &std::path::Path,
+    ) -> Recorder {
+        use std::os::unix::ffi::OsStrExt;
+        let mut prefix = backing.as_os_str().as_bytes().to_vec();
+        if !prefix.ends_with(b"/") {
+            prefix.push(b'/');
+        }
+        Recorder {
+            journal,
+            exclusions: RwLock::new(Arc::new(exclusions)),
+            namespace: RwLock::new(()),
+            generation: AtomicU64::new(1),
+            prefix,
+        }
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    /// Held by data mutations (shared).
+    pub fn data_lock(&self) -> RwLockReadGuard<'_, ()> {
+        self.namespace.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Held by namespace mutations (exclusive). Paths may change under it, so
+    /// cached paths are invalidated.
+    pub fn namespace_lock(&self) -> RwLockWriteGuard<'_, ()> {
+        let g = self.namespace.write().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        g
+    }
+
+    pub fn exclusions(&self) -> Arc<Exclusions> {
+        self.exclusions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// New rules (SIGHUP). Takes effect for every mutation that starts afterwards.
+    pub fn set_exclusions(&self, ex: Exclusions) {
+        let _ns = self.namespace_lock();
+        *self.exclusions.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ex);
+    }
+
+    fn resolve(&self, inode: &Inode) -> Option<PathInfo> {
+        if inode.ino == super::inode::ROOT_INO {
+            return Some(PathInfo {
+                rel: Arc::from(&b""[..]),
+                excluded: false,
+            });
+        }
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", inode.fd().as_raw_fd())).ok()?;
+        let bytes = link.as_os_str().as_bytes();
+        let rel = bytes.strip_prefix(self.prefix.as_slice())?;
+        // An unlinked object has no path: nothing to journal for it.
+        let st = super::sys::fstat(inode.fd()).ok()?;
+        if st.st_nlink == 0 {
+            return None;
+        }
+        Some(PathInfo {
+            rel: Arc::from(rel),
+            excluded: self.exclusions().is_excluded(rel),
+        })
+    }
+
+    /// The inode's current path, if it has one (cached per namespace generation).
+    pub fn path_info(&self, inode: &Inode) -> Option<PathInfo> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut cache = inode.path_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((g, info)) = &*cache
+            && *g == generation
+        {
+            return info.clone();
+        }
+        let info = self.resolve(inode);
+        *cache = Some((generation, info.clone()));
+        info
+    }
+
+    /// The path to journal for `inode`, or None when it is excluded or unlinked.
+    pub fn journaled_path(&self, inode: &Inode) -> Option<Arc<[u8]>> {
+        self.path_info(inode).filter(|p| !p.excluded).map(|p| p.rel)
+    }
+
+    /// The path `name` has (or would have) in `parent`.
+    pub fn child_info(&self, parent: &Inode, name: &[u8]) -> Option<PathInfo> {
+        let p = self.path_info(parent)?;
+        let mut rel = p.rel.to_vec();
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(name);
+        let excluded = p.excluded || self.exclusions().is_excluded(&rel);
+        Some(PathInfo {
+            rel: Arc::from(rel),
+            excluded,
+        })
+    }
+
+    /// Before a backing write: the extents it touches must be hot in the activity
+    /// log. The inode remembers what it already made hot, so the shared log is
+    /// consulted only when a write enters a new extent. Returns true when the log
+    /// needs a retirement pass (see [`Recorder::retire_cold`]).
+    pub fn ensure_hot(&self, state: &mut FileState, path: &[u8], offset: u64, len: u64) -> bool {
+        let epoch = self.journal.activity_epoch();
+        if state.al_epoch != epoch {
+            state.al_epoch = epoch;
+            state.hot_extents.clear();
+        }
+        let (first, last) = self.journal.extent_range(offset, len);
+        if (first..=last).all(|e| state.hot_extents.contains(&e)) {
+            return false;
+        }
+        match self.journal.activate(path, first, last) {
+            Ok(overfull) => {
+                for e in first..=last {
+                    if !state.hot_extents.contains(&e) {
+                        state.hot_extents.push(e);
+                    }
+                }
+                // Keep the per-file cache small; forgetting only costs a lookup.
+                if state.hot_extents.len() > 64 {
+                    state.hot_extents.drain(..32);
+                }
+                overfull
+            }
+            Err(e) => {
+                error!(error = %e, "activity log write failed; marking the range dirty");
+                self.journal.mark_dirty(&DirtyRegion {
+                    path: path.to_vec(),
+                    offset,
+                    len,
+                });
+                false
+            }
+        }
+    }
+
+    /// Retires the coldest hot extents: no data mutation may be between its
+    /// backing write and its append meanwhile, hence the exclusive lock.
+    pub fn retire_cold(&self) {
+        let _ns = self.namespace.write().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = self.journal.retire_cold_extents() {
+            warn!(error = %e, "activity log retirement failed");
+        }
+    }
+
+    /// Appends a record for `inode` (None for records of no single object).
+    pub fn record(&self, inode: Option<&Inode>, op: &Op, data: &[u8]) -> u64 {
+        let seq = self.journal.append(op, data);
+        if let Some(i) = inode {
+            i.last_seq.fetch_max(seq, Ordering::AcqRel);
+        }
+        seq
+    }
+
+    /// Dirty regions follow their files through renames (and swap on exchange).
+    pub fn follow_rename(&self, from: &[u8], to: &[u8], flags: u32) {
+        let dirty = self.journal.dirty();
+        let res = if flags & libc::RENAME_EXCHANGE != 0 {
+            let tmp = b"\0exchange".to_vec();
+            dirty
+                .rename_prefix(from, &tmp)
+                .and(dirty.rename_prefix(to, from))
+                .and(dirty.rename_prefix(&tmp, to))
+        } else {
+            dirty.rename_prefix(from, to)
+        };
+        if let Err(e) = res {
+            error!(error = %e, "dirty list did not follow a rename");
+        }
+    }
+
+    pub fn mark_whole_dirty(&self, path: &[u8]) {
+        self.journal.mark_dirty(&DirtyRegion {
+            path: path.to_vec(),
+            offset: 0,
+            len: crate::journal::dirty::WHOLE_FILE,
+        });
+    }
+}
