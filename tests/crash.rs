@@ -153,7 +153,7 @@ fn writer(mnt: PathBuf, t: usize, blocks: Blocks, stop: Arc<AtomicBool>, seed: u
             return;
         }
         since_sync.push((f, block, version));
-        if x % 16 == 0 {
+        if x.is_multiple_of(16) {
             if files[f].sync_data().is_err() {
                 return;
             }
