@@ -16,6 +16,18 @@ use crate::journal::dirty::DirtyRegion;
 use crate::journal::exclude::Exclusions;
 use crate::journal::{Journal, Op};
 
+/// The exclusive namespace lock; paths resolved while it was held are not reused.
+pub struct NamespaceGuard<'a> {
+    _guard: RwLockWriteGuard<'a, ()>,
+    generation: &'a AtomicU64,
+}
+
+impl Drop for NamespaceGuard<'_> {
+    fn drop(&mut self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 pub struct Recorder {
     journal: Arc<Journal>,
     exclusions: RwLock<Arc<Exclusions>>,
@@ -57,11 +69,14 @@ impl Recorder {
     }
 
     /// Held by namespace mutations (exclusive). Paths may change under it, so
-    /// cached paths are invalidated.
-    pub fn namespace_lock(&self) -> RwLockWriteGuard<'_, ()> {
-        let g = self.namespace.write().unwrap_or_else(|e| e.into_inner());
+    /// cached paths are invalidated when it is taken and again when it is released.
+    pub fn namespace_lock(&self) -> NamespaceGuard<'_> {
+        let guard = self.namespace.write().unwrap_or_else(|e| e.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
-        g
+        NamespaceGuard {
+            _guard: guard,
+            generation: &self.generation,
+        }
     }
 
     pub fn exclusions(&self) -> Arc<Exclusions> {
@@ -93,6 +108,16 @@ impl Recorder {
         let st = super::sys::fstat(inode.fd()).ok()?;
         if st.st_nlink == 0 {
             return None;
+        }
+        // The kernel names the dentry the fd was opened by; if that name was
+        // removed while another hard link remains, it is no longer the object's.
+        let here = std::fs::symlink_metadata(std::ffi::OsStr::from_bytes(bytes)).ok()?;
+        {
+            use std::os::unix::fs::MetadataExt;
+            if (here.dev(), here.ino()) != inode.key {
+                warn!(path = %String::from_utf8_lossy(rel), "object reached through a removed hard link; its changes are not journaled");
+                return None;
+            }
         }
         Some(PathInfo {
             rel: Arc::from(rel),
