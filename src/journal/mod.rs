@@ -656,13 +656,14 @@ impl Writer {
                     msg = rx.try_recv().ok();
                 }
             }
-            if let Err(e) = self.write_pending(&mut buf) {
-                self.fail(e);
-            }
+            // Trim first: a sync waiter released below then sees the trim done.
             if let Some(t) = trim
                 && let Err(e) = self.trim(t)
             {
                 error!(error = %e, "journal trim failed");
+            }
+            if let Err(e) = self.write_pending(&mut buf) {
+                self.fail(e);
             }
             if let Err(e) = self.enforce_cap() {
                 error!(error = %e, "journal cap enforcement failed");
