@@ -699,6 +699,16 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        // With the writeback cache, written data can still sit in the kernel's
+        // page cache, invisible to SEEK_DATA/SEEK_HOLE on the backing file (the
+        // kernel does not flush before FUSE_LSEEK), so holes would be reported
+        // over real data and sparse copies would drop it. ENOSYS makes the kernel
+        // answer from its own size instead: all data, no hole; never wrong.
+        if self.volume.options().writeback_cache
+            && (whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE)
+        {
+            return reply.error(Errno::from_i32(libc::ENOSYS));
+        }
         match self.volume.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(self.fail("lseek", ino.0, e)),
