@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use replicafs::mount::{self, MountOptions, Mounted};
 use replicafs::volume::Volume;
 
+#[allow(unused_imports)]
 pub use tree::{assert_trees_equal, compare_trees};
 
 /// A FUSE mount of a fresh temporary backing dir, served by this process.
@@ -53,8 +54,11 @@ impl TestMount {
         let root = dir.path().canonicalize().expect("canonical temp dir");
         let backing = root.join("backing");
         let mnt = root.join("mnt");
-        std::fs::create_dir(&backing).expect("mkdir backing");
-        std::fs::create_dir(&mnt).expect("mkdir mnt");
+        // Explicit modes: mounting sets the process umask to 0.
+        for d in [&backing, &mnt] {
+            std::fs::create_dir(d).expect("mkdir");
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
         let mut opts = MountOptions::new(&backing, &mnt);
         // Enough to serve the concurrency tests, few enough for a 2-core machine
         // running several tests at once.
