@@ -17,12 +17,11 @@ const GIB: u64 = 1 << 30;
 const WORK_SIZE: u64 = 256 << 20;
 
 fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd)
+    Command::new(cmd)
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    out
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
 }
 
 /// Runs a command that must succeed; returns its stdout.
