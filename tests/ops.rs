@@ -404,6 +404,66 @@ fn create_files() {
     assert_eq!(s, "hello");
 }
 
+/// FUSE_CREATE without O_EXCL for a name that exists: the kernel sends it when
+/// another process creates the name between the kernel's lookup and its
+/// create. Called on the volume directly, since the race is hard to hit
+/// through the mount. The caller must not become the owner of someone else's
+/// file, nor open it past its permission bits.
+#[test]
+fn create_of_existing_name_keeps_owner_and_permissions() {
+    use replicafs::volume::Caller;
+    use replicafs::volume::inode::ROOT_INO;
+    use std::ffi::OsStr;
+    let m = TestMount::new();
+    let nobody = Caller {
+        uid: 65534,
+        gid: 65534,
+    };
+    fs::write(m.path("shared"), b"root's data").unwrap();
+    fs::set_permissions(m.path("shared"), fs::Permissions::from_mode(0o666)).unwrap();
+    fs::write(m.path("private"), b"secret").unwrap();
+    fs::set_permissions(m.path("private"), fs::Permissions::from_mode(0o600)).unwrap();
+    let v = m.volume();
+
+    let (entry, opened) = v
+        .create(
+            ROOT_INO,
+            OsStr::new("shared"),
+            0o644,
+            libc::O_WRONLY,
+            nobody,
+        )
+        .expect("open an existing writable file through create");
+    v.write(opened.fh, 0, b"ROOT").unwrap();
+    v.release(opened.fh);
+    v.forget(entry.attr.ino, 1);
+    let md = fs::metadata(m.backing_path("shared")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (0, 0), "create took over root's file");
+    assert_eq!(md.mode() & 0o7777, 0o666);
+    assert_eq!(fs::read(m.backing_path("shared")).unwrap(), b"ROOT's data");
+
+    for flags in [libc::O_RDONLY, libc::O_WRONLY, libc::O_RDWR | libc::O_TRUNC] {
+        let r = v.create(ROOT_INO, OsStr::new("private"), 0o644, flags, nobody);
+        assert_eq!(
+            r.map(|_| ()).map_err(|e| e.errno()),
+            Err(libc::EACCES),
+            "flags {flags:#o}"
+        );
+    }
+    let md = fs::metadata(m.backing_path("private")).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o7777), (0, 0o600));
+    assert_eq!(fs::read(m.backing_path("private")).unwrap(), b"secret");
+    // With O_EXCL it is EEXIST, for anyone.
+    let r = v.create(
+        ROOT_INO,
+        OsStr::new("shared"),
+        0o644,
+        libc::O_WRONLY | libc::O_EXCL,
+        Caller::ROOT,
+    );
+    assert_eq!(r.map(|_| ()).map_err(|e| e.errno()), Err(libc::EEXIST));
+}
+
 #[test]
 fn create_in_setgid_directory_inherits_group() {
     let m = TestMount::new();
