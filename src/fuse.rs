@@ -31,7 +31,11 @@ const MAX_WRITE: u32 = 1 << 20;
 pub struct FuseOptions {
     /// Let the kernel cache writes (FUSE writeback cache).
     pub writeback_cache: bool,
-    /// Serve read-only opens by FUSE passthrough when the kernel allows it.
+    /// Serve read-only opens by FUSE passthrough when the kernel allows it
+    /// (never with the writeback cache). Off by default: the kernel requires
+    /// every open of an inode held open by passthrough to be passthrough too,
+    /// and writes must come through us, so a writer opening such a file (a VM
+    /// starting while a backup reads its image) gets EIO.
     pub passthrough: bool,
 }
 
@@ -39,7 +43,7 @@ impl Default for FuseOptions {
     fn default() -> Self {
         FuseOptions {
             writeback_cache: true,
-            passthrough: true,
+            passthrough: false,
         }
     }
 }
@@ -51,7 +55,9 @@ enum IoMode {
     Cached,
     /// Straight to the backing file by the kernel (read-only opens only).
     Passthrough,
-    /// Through us without the page cache, while passthrough opens exist.
+    /// Through us without the page cache, while passthrough opens exist. The
+    /// kernel refuses such an open with EIO (an inode open by passthrough takes
+    /// passthrough opens only); see `FuseOptions::passthrough`.
     Direct,
 }
 
@@ -123,6 +129,10 @@ impl FuseAdapter {
             if read_only {
                 mode = IoMode::Passthrough;
             } else {
+                warn!(
+                    ino,
+                    "file is open by FUSE passthrough: the kernel refuses (EIO) to open it for writing"
+                );
                 mode = IoMode::Direct;
             }
         } else if read_only

@@ -46,8 +46,12 @@ struct MountArgs {
     /// Do not let the kernel cache writes (slower; for debugging).
     #[arg(long)]
     no_writeback_cache: bool,
-    /// Do not serve read-only opens by FUSE passthrough.
+    /// Serve read-only opens by FUSE passthrough (needs --no-writeback-cache).
+    /// While a file is open this way, opening it for writing fails with EIO.
     #[arg(long)]
+    passthrough: bool,
+    /// Accepted for compatibility: passthrough is off unless --passthrough.
+    #[arg(long, hide = true)]
     no_passthrough: bool,
 }
 
@@ -85,7 +89,7 @@ fn run_mount(args: MountArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     opts.fuse = FuseOptions {
         writeback_cache: !args.no_writeback_cache,
-        passthrough: !args.no_passthrough,
+        passthrough: args.passthrough && !args.no_passthrough,
     };
     let mounted = mount::mount(&opts)?;
     mounted.run_until_signal()?;
