@@ -5,22 +5,40 @@
 mod common;
 
 use common::TestMount;
-use common::model::{Op, apply, ops, prelude};
+use common::model::{Actor, Op, ops, prelude};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
-fn run_sequence(seq: &[Op]) -> Result<(), TestCaseError> {
-    let m = TestMount::new();
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        max_shrink_iters: 300,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        ..ProptestConfig::default()
+    }
+}
+
+fn run_sequence(m: TestMount, seq: &[Op]) -> Result<(), TestCaseError> {
     let plain = tempfile::tempdir().expect("plain dir");
+    let mut mount_side = Actor::new(&m.mnt);
+    let mut plain_side = Actor::new(plain.path());
     for op in prelude() {
-        let (got, want) = (apply(&m.mnt, &op), apply(plain.path(), &op));
+        let (got, want) = (mount_side.apply(&op), plain_side.apply(&op));
         prop_assert_eq!(&got, &want, "prelude {:?}", op);
         prop_assert!(got.is_ok(), "prelude {:?}: {:?}", op, got);
     }
+    let debug = std::env::var("MODEL_DEBUG").is_ok();
     for (i, op) in seq.iter().enumerate() {
-        let got = apply(&m.mnt, op);
-        let want = apply(plain.path(), op);
-        if std::env::var("MODEL_DEBUG").is_ok() {
+        let got = mount_side.apply(op);
+        let want = plain_side.apply(op);
+        if debug {
             eprintln!("{op:?} -> {got:?}");
         }
         prop_assert_eq!(
@@ -31,6 +49,9 @@ fn run_sequence(seq: &[Op]) -> Result<(), TestCaseError> {
             op
         );
     }
+    // Close what is still open (the kernel flushes on close), then compare.
+    mount_side.close_all();
+    plain_side.close_all();
     let diffs = common::compare_trees(&m.mnt, plain.path());
     prop_assert!(
         diffs.is_empty(),
@@ -47,16 +68,23 @@ fn run_sequence(seq: &[Op]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(100),
-        max_shrink_iters: 300,
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(config(cases(100)))]
 
     #[test]
     fn mount_matches_plain_directory(seq in ops(60)) {
-        run_sequence(&seq)?;
+        run_sequence(TestMount::new(), &seq)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(cases(30)))]
+
+    /// The same without the kernel's writeback cache: every write and append
+    /// offset then comes straight from the kernel to us.
+    #[test]
+    fn mount_without_writeback_cache_matches_plain_directory(seq in ops(60)) {
+        let m = TestMount::with_options(|o| o.fuse.writeback_cache = false);
+        run_sequence(m, &seq)?;
     }
 }
 
@@ -181,7 +209,108 @@ fn every_operation_once() {
             mode: WriteMode::Trunc,
         },
     ];
-    if let Err(e) = run_sequence(&seq) {
+    if let Err(e) = run_sequence(TestMount::new(), &seq) {
+        panic!("{e}");
+    }
+}
+
+/// Descriptors kept open across renames, unlinks, truncation and hole punching.
+#[test]
+fn descriptor_operations_once() {
+    use common::model::OpenMode;
+    let seq = vec![
+        Op::Open {
+            slot: 0,
+            path: 5,
+            mode: OpenMode::ReadWrite,
+        },
+        Op::Open {
+            slot: 1,
+            path: 5,
+            mode: OpenMode::Append,
+        },
+        Op::FdWrite {
+            slot: 0,
+            offset: 70_000,
+            len: 100,
+            byte: 3,
+        },
+        Op::Rename {
+            from: 5,
+            to: 9,
+            flags: 0,
+        },
+        Op::FdWrite {
+            slot: 1,
+            offset: 0,
+            len: 10,
+            byte: 4,
+        },
+        Op::Unlink { path: 9 },
+        Op::FdStat { slot: 0 },
+        Op::FdWrite {
+            slot: 0,
+            offset: 10,
+            len: 10,
+            byte: 5,
+        },
+        Op::FdRead {
+            slot: 1,
+            offset: 0,
+            len: 100,
+        },
+        Op::FdRead {
+            slot: 0,
+            offset: 0,
+            len: 200_000,
+        },
+        Op::FdTruncate {
+            slot: 0,
+            size: 1000,
+        },
+        Op::FdTruncate { slot: 1, size: 10 },
+        Op::FdPunchHole {
+            slot: 0,
+            offset: 100,
+            len: 100,
+        },
+        Op::FdSync { slot: 0 },
+        Op::FdRead {
+            slot: 0,
+            offset: 0,
+            len: 2000,
+        },
+        Op::Close { slot: 1 },
+        Op::Close { slot: 1 },
+        Op::FdWrite {
+            slot: 2,
+            offset: 0,
+            len: 1,
+            byte: 1,
+        },
+        Op::Open {
+            slot: 2,
+            path: 8,
+            mode: OpenMode::Create,
+        },
+        Op::Open {
+            slot: 2,
+            path: 7,
+            mode: OpenMode::ReadOnly,
+        },
+        Op::FdRead {
+            slot: 2,
+            offset: 0,
+            len: 10,
+        },
+        Op::FdSync { slot: 2 },
+        Op::Open {
+            slot: 2,
+            path: 3,
+            mode: OpenMode::Truncate,
+        },
+    ];
+    if let Err(e) = run_sequence(TestMount::new(), &seq) {
         panic!("{e}");
     }
 }

@@ -1016,6 +1016,49 @@ fn open_trunc_and_errors() {
     assert_eq!(err(ro.write(b"x")), libc::EBADF);
 }
 
+/// A writer opening a file that a reader holds open, on a mount without the
+/// writeback cache (where the kernel would allow FUSE passthrough).
+#[test]
+fn writer_after_reader_without_writeback_cache() {
+    let m = TestMount::with_options(|o| o.fuse.writeback_cache = false);
+    fs::write(m.path("img"), vec![1u8; 8192]).unwrap();
+    let reader = File::open(m.path("img")).unwrap();
+    assert_eq!(read_at(&reader, 0, 10), vec![1u8; 10]);
+    let writer = OpenOptions::new().write(true).open(m.path("img")).unwrap();
+    writer.write_all_at(b"new", 0).unwrap();
+    assert_eq!(read_at(&reader, 0, 4), b"new\x01");
+    let rw = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("img"))
+        .unwrap();
+    assert_eq!(read_at(&rw, 0, 3), b"new");
+    drop((reader, writer, rw));
+    assert_eq!(&fs::read(m.backing_path("img")).unwrap()[..4], b"new\x01");
+}
+
+/// With passthrough asked for (opt-in), read-only opens are served by the
+/// kernel from the backing file and see what writers wrote before.
+#[test]
+fn passthrough_readers_see_written_data() {
+    let m = TestMount::with_options(|o| {
+        o.fuse.writeback_cache = false;
+        o.fuse.passthrough = true;
+    });
+    let data = random_bytes(12, 300_000);
+    fs::write(m.path("f"), &data).unwrap();
+    let a = File::open(m.path("f")).unwrap();
+    let b = File::open(m.path("f")).unwrap();
+    assert_eq!(read_at(&a, 0, data.len()), data);
+    assert_eq!(read_at(&b, 1000, 10), &data[1000..1010]);
+    drop((a, b));
+    // Once the readers are gone, writing works again.
+    let w = OpenOptions::new().write(true).open(m.path("f")).unwrap();
+    w.write_all_at(b"again", 0).unwrap();
+    drop(w);
+    assert_eq!(&fs::read(m.path("f")).unwrap()[..5], b"again");
+}
+
 #[test]
 fn read_write_offsets_and_holes() {
     let m = TestMount::new();

@@ -1,16 +1,17 @@
 //! File operations for reference-model tests: an operation enum, proptest
-//! strategies for it, and `apply`, which performs one operation under a root
-//! directory with plain libc calls. Applying the same sequence under the mount
-//! and under an ordinary directory must give the same results and trees; later
-//! the same operations can drive journal replay tests.
+//! strategies for it, and an [`Actor`] that performs operations under a root
+//! directory with plain libc calls (keeping a few descriptors open between
+//! operations). Applying the same sequence under the mount and under an
+//! ordinary directory must give the same results and trees; later the same
+//! operations can drive journal replay tests.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 
-use super::{check, cpath, lstat, open};
+use super::{check, cpath, fstat, lstat, open};
 
 /// The name pool. Few names, so that operations collide: files where
 /// directories are expected and the reverse, renames onto existing names,
@@ -21,6 +22,9 @@ pub const NAMES: &[&str] = &["a", "b", "c", "d", "e", "d/a", "d/b", "d/f", "d/f/
 /// following a link never leaves the root.
 pub const TARGETS: &[&str] = &["a", "b", "d", "d/a", "f/a", "missing"];
 
+/// How many descriptors an actor keeps open between operations.
+pub const SLOTS: usize = 3;
+
 /// How a write opens its file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteMode {
@@ -28,6 +32,31 @@ pub enum WriteMode {
     Append,
     Trunc,
     Sync,
+}
+
+/// How `Open` opens a descriptor that stays in a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    ReadOnly,
+    WriteOnly,
+    ReadWrite,
+    Append,
+    Truncate,
+    /// O_CREAT | O_RDWR, mode 0644.
+    Create,
+}
+
+impl OpenMode {
+    fn flags(self) -> i32 {
+        match self {
+            OpenMode::ReadOnly => libc::O_RDONLY,
+            OpenMode::WriteOnly => libc::O_WRONLY,
+            OpenMode::ReadWrite => libc::O_RDWR,
+            OpenMode::Append => libc::O_WRONLY | libc::O_APPEND,
+            OpenMode::Truncate => libc::O_RDWR | libc::O_TRUNC,
+            OpenMode::Create => libc::O_RDWR | libc::O_CREAT,
+        }
+    }
 }
 
 /// A time argument of utimensat.
@@ -126,6 +155,48 @@ pub enum Op {
     Stat {
         path: usize,
     },
+    /// Opens `path` into a slot (closing what was there); it stays open.
+    Open {
+        slot: usize,
+        path: usize,
+        mode: OpenMode,
+    },
+    /// close(2) of a slot.
+    Close {
+        slot: usize,
+    },
+    /// pwrite through a slot (the file may have been renamed or unlinked since).
+    FdWrite {
+        slot: usize,
+        offset: u64,
+        len: usize,
+        byte: u8,
+    },
+    /// pread through a slot.
+    FdRead {
+        slot: usize,
+        offset: u64,
+        len: usize,
+    },
+    /// ftruncate through a slot.
+    FdTruncate {
+        slot: usize,
+        size: u64,
+    },
+    /// fallocate PUNCH_HOLE|KEEP_SIZE through a slot.
+    FdPunchHole {
+        slot: usize,
+        offset: u64,
+        len: u64,
+    },
+    /// fsync through a slot.
+    FdSync {
+        slot: usize,
+    },
+    /// fstat through a slot.
+    FdStat {
+        slot: usize,
+    },
 }
 
 /// What a successful operation returns.
@@ -143,10 +214,6 @@ pub enum Out {
 
 /// The result of one operation: what it returned, or its errno.
 pub type Outcome = Result<Out, i32>;
-
-fn at(root: &Path, i: usize) -> CString {
-    cpath(&root.join(NAMES[i]))
-}
 
 fn done(r: Result<i64, i32>) -> Outcome {
     r.map(|_| Out::Done)
@@ -169,182 +236,260 @@ fn ts(t: Time) -> libc::timespec {
     }
 }
 
-fn with_open(root: &Path, path: usize, flags: i32, f: impl FnOnce(&OwnedFd) -> Outcome) -> Outcome {
-    let fd = open(&root.join(NAMES[path]), flags, 0)?;
-    f(&fd)
+fn pwrite_all(fd: &OwnedFd, offset: u64, len: usize, byte: u8) -> Outcome {
+    let buf = vec![byte; len];
+    let mut off = 0usize;
+    while off < len {
+        // SAFETY: buf is valid for len - off bytes from off; fd is open.
+        let n = check(unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                buf[off..].as_ptr().cast(),
+                len - off,
+                (offset + off as u64) as i64,
+            )
+        } as i64)?;
+        if n == 0 {
+            return Err(libc::EIO);
+        }
+        off += n as usize;
+    }
+    Ok(Out::Done)
 }
 
-/// Performs `op` under `root` and reports what happened.
-pub fn apply(root: &Path, op: &Op) -> Outcome {
-    // SAFETY (all the libc calls below): paths are valid C strings, buffers are
-    // valid for the lengths passed, descriptors are open for the call.
-    match *op {
-        Op::Create { path, mode, excl } => {
-            let flags = libc::O_CREAT | libc::O_WRONLY | if excl { libc::O_EXCL } else { 0 };
-            open(&root.join(NAMES[path]), flags, mode).map(|_| Out::Done)
+fn pread_all(fd: &OwnedFd, offset: u64, len: usize) -> Outcome {
+    let mut buf = vec![0u8; len];
+    let mut got = 0usize;
+    while got < len {
+        // SAFETY: buf is valid for len - got bytes from got; fd is open.
+        let n = check(unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                buf[got..].as_mut_ptr().cast(),
+                len - got,
+                (offset + got as u64) as i64,
+            )
+        } as i64)?;
+        if n == 0 {
+            break;
         }
-        Op::Write {
-            path,
-            offset,
-            len,
-            byte,
-            mode,
-        } => {
-            let extra = match mode {
-                WriteMode::Plain => 0,
-                WriteMode::Append => libc::O_APPEND,
-                WriteMode::Trunc => libc::O_TRUNC,
-                WriteMode::Sync => libc::O_SYNC,
-            };
-            with_open(root, path, libc::O_WRONLY | extra, |fd| {
-                let buf = vec![byte; len];
-                let mut off = 0usize;
-                while off < len {
-                    let n = check(unsafe {
-                        libc::pwrite(
-                            fd.as_raw_fd(),
-                            buf[off..].as_ptr().cast(),
-                            len - off,
-                            (offset + off as u64) as i64,
-                        )
-                    } as i64)?;
-                    if n == 0 {
-                        return Err(libc::EIO);
-                    }
-                    off += n as usize;
-                }
-                Ok(Out::Done)
-            })
+        got += n as usize;
+    }
+    buf.truncate(got);
+    Ok(Out::Data(buf))
+}
+
+fn fallocate(fd: &OwnedFd, mode: i32, offset: u64, len: u64) -> Outcome {
+    // SAFETY: fd is open.
+    done(check(
+        unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset as i64, len as i64) }.into(),
+    ))
+}
+
+fn stat_out(st: libc::stat) -> Out {
+    let kind = st.st_mode & libc::S_IFMT;
+    Out::Stat {
+        kind,
+        mode: st.st_mode & 0o7777,
+        size: (kind == libc::S_IFREG || kind == libc::S_IFLNK).then_some(st.st_size),
+        nlink: st.st_nlink,
+    }
+}
+
+/// Performs operations under one root, keeping `SLOTS` descriptors between them.
+/// Drop it (or call `close_all`) before unmounting.
+pub struct Actor {
+    root: PathBuf,
+    slots: [Option<OwnedFd>; SLOTS],
+}
+
+impl Actor {
+    pub fn new(root: impl Into<PathBuf>) -> Actor {
+        Actor {
+            root: root.into(),
+            slots: Default::default(),
         }
-        Op::Read { path, offset, len } => with_open(root, path, libc::O_RDONLY, |fd| {
-            let mut buf = vec![0u8; len];
-            let mut got = 0usize;
-            while got < len {
-                let n = check(unsafe {
-                    libc::pread(
-                        fd.as_raw_fd(),
-                        buf[got..].as_mut_ptr().cast(),
-                        len - got,
-                        (offset + got as u64) as i64,
-                    )
-                } as i64)?;
-                if n == 0 {
-                    break;
-                }
-                got += n as usize;
+    }
+
+    pub fn close_all(&mut self) {
+        self.slots = Default::default();
+    }
+
+    fn at(&self, i: usize) -> CString {
+        cpath(&self.root.join(NAMES[i]))
+    }
+
+    fn path(&self, i: usize) -> PathBuf {
+        self.root.join(NAMES[i])
+    }
+
+    fn with_open(&self, path: usize, flags: i32, f: impl FnOnce(&OwnedFd) -> Outcome) -> Outcome {
+        let fd = open(&self.path(path), flags, 0)?;
+        f(&fd)
+    }
+
+    fn slot(&self, slot: usize) -> Result<&OwnedFd, i32> {
+        self.slots[slot].as_ref().ok_or(libc::EBADF)
+    }
+
+    /// Performs `op` and reports what happened.
+    pub fn apply(&mut self, op: &Op) -> Outcome {
+        // SAFETY (all the libc calls below): paths are valid C strings, buffers
+        // are valid for the lengths passed, descriptors are open for the call.
+        match *op {
+            Op::Create { path, mode, excl } => {
+                let flags = libc::O_CREAT | libc::O_WRONLY | if excl { libc::O_EXCL } else { 0 };
+                open(&self.path(path), flags, mode).map(|_| Out::Done)
             }
-            buf.truncate(got);
-            Ok(Out::Data(buf))
-        }),
-        Op::Truncate { path, size } => done(check(
-            unsafe { libc::truncate(at(root, path).as_ptr(), size as i64) }.into(),
-        )),
-        Op::PunchHole { path, offset, len } => with_open(root, path, libc::O_WRONLY, |fd| {
-            done(check(
-                unsafe {
-                    libc::fallocate(
-                        fd.as_raw_fd(),
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        offset as i64,
-                        len as i64,
-                    )
-                }
-                .into(),
-            ))
-        }),
-        Op::ZeroRange {
-            path,
-            offset,
-            len,
-            keep_size,
-        } => with_open(root, path, libc::O_WRONLY, |fd| {
-            let mode = libc::FALLOC_FL_ZERO_RANGE
-                | if keep_size {
+            Op::Write {
+                path,
+                offset,
+                len,
+                byte,
+                mode,
+            } => {
+                let extra = match mode {
+                    WriteMode::Plain => 0,
+                    WriteMode::Append => libc::O_APPEND,
+                    WriteMode::Trunc => libc::O_TRUNC,
+                    WriteMode::Sync => libc::O_SYNC,
+                };
+                self.with_open(path, libc::O_WRONLY | extra, |fd| {
+                    pwrite_all(fd, offset, len, byte)
+                })
+            }
+            Op::Read { path, offset, len } => {
+                self.with_open(path, libc::O_RDONLY, |fd| pread_all(fd, offset, len))
+            }
+            Op::Truncate { path, size } => done(check(
+                unsafe { libc::truncate(self.at(path).as_ptr(), size as i64) }.into(),
+            )),
+            Op::PunchHole { path, offset, len } => self.with_open(path, libc::O_WRONLY, |fd| {
+                fallocate(
+                    fd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )
+            }),
+            Op::ZeroRange {
+                path,
+                offset,
+                len,
+                keep_size,
+            } => self.with_open(path, libc::O_WRONLY, |fd| {
+                let keep = if keep_size {
                     libc::FALLOC_FL_KEEP_SIZE
                 } else {
                     0
                 };
-            done(check(
-                unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset as i64, len as i64) }.into(),
-            ))
-        }),
-        Op::Rename { from, to, flags } => done(check(
-            unsafe {
-                libc::renameat2(
-                    libc::AT_FDCWD,
-                    at(root, from).as_ptr(),
-                    libc::AT_FDCWD,
-                    at(root, to).as_ptr(),
-                    flags,
-                )
-            }
-            .into(),
-        )),
-        Op::Unlink { path } => done(check(
-            unsafe { libc::unlink(at(root, path).as_ptr()) }.into(),
-        )),
-        Op::Mkdir { path, mode } => done(check(
-            unsafe { libc::mkdir(at(root, path).as_ptr(), mode) }.into(),
-        )),
-        Op::Rmdir { path } => done(check(
-            unsafe { libc::rmdir(at(root, path).as_ptr()) }.into(),
-        )),
-        Op::Link { from, to } => done(check(
-            unsafe { libc::link(at(root, from).as_ptr(), at(root, to).as_ptr()) }.into(),
-        )),
-        Op::Symlink { target, path } => {
-            let t = CString::new(TARGETS[target]).expect("no NUL");
-            done(check(
-                unsafe { libc::symlink(t.as_ptr(), at(root, path).as_ptr()) }.into(),
-            ))
-        }
-        Op::Chmod { path, mode } => done(check(
-            unsafe { libc::chmod(at(root, path).as_ptr(), mode) }.into(),
-        )),
-        Op::Utimens {
-            path,
-            atime,
-            mtime,
-            nofollow,
-        } => {
-            let times = [ts(atime), ts(mtime)];
-            let flags = if nofollow {
-                libc::AT_SYMLINK_NOFOLLOW
-            } else {
-                0
-            };
-            done(check(
+                fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | keep, offset, len)
+            }),
+            Op::Rename { from, to, flags } => done(check(
                 unsafe {
-                    libc::utimensat(
+                    libc::renameat2(
                         libc::AT_FDCWD,
-                        at(root, path).as_ptr(),
-                        times.as_ptr(),
+                        self.at(from).as_ptr(),
+                        libc::AT_FDCWD,
+                        self.at(to).as_ptr(),
                         flags,
                     )
                 }
                 .into(),
-            ))
-        }
-        Op::Fsync { path, data_only } => with_open(root, path, libc::O_RDONLY, |fd| {
-            let r = unsafe {
-                if data_only {
-                    libc::fdatasync(fd.as_raw_fd())
-                } else {
-                    libc::fsync(fd.as_raw_fd())
-                }
-            };
-            done(check(r.into()))
-        }),
-        Op::Stat { path } => lstat(&root.join(NAMES[path])).map(|st| {
-            let kind = st.st_mode & libc::S_IFMT;
-            Out::Stat {
-                kind,
-                mode: st.st_mode & 0o7777,
-                size: (kind == libc::S_IFREG || kind == libc::S_IFLNK).then_some(st.st_size),
-                nlink: st.st_nlink,
+            )),
+            Op::Unlink { path } => done(check(
+                unsafe { libc::unlink(self.at(path).as_ptr()) }.into(),
+            )),
+            Op::Mkdir { path, mode } => done(check(
+                unsafe { libc::mkdir(self.at(path).as_ptr(), mode) }.into(),
+            )),
+            Op::Rmdir { path } => {
+                done(check(unsafe { libc::rmdir(self.at(path).as_ptr()) }.into()))
             }
-        }),
+            Op::Link { from, to } => done(check(
+                unsafe { libc::link(self.at(from).as_ptr(), self.at(to).as_ptr()) }.into(),
+            )),
+            Op::Symlink { target, path } => {
+                let t = CString::new(TARGETS[target]).expect("no NUL");
+                done(check(
+                    unsafe { libc::symlink(t.as_ptr(), self.at(path).as_ptr()) }.into(),
+                ))
+            }
+            Op::Chmod { path, mode } => done(check(
+                unsafe { libc::chmod(self.at(path).as_ptr(), mode) }.into(),
+            )),
+            Op::Utimens {
+                path,
+                atime,
+                mtime,
+                nofollow,
+            } => {
+                let times = [ts(atime), ts(mtime)];
+                let flags = if nofollow {
+                    libc::AT_SYMLINK_NOFOLLOW
+                } else {
+                    0
+                };
+                done(check(
+                    unsafe {
+                        libc::utimensat(
+                            libc::AT_FDCWD,
+                            self.at(path).as_ptr(),
+                            times.as_ptr(),
+                            flags,
+                        )
+                    }
+                    .into(),
+                ))
+            }
+            Op::Fsync { path, data_only } => self.with_open(path, libc::O_RDONLY, |fd| {
+                let r = unsafe {
+                    if data_only {
+                        libc::fdatasync(fd.as_raw_fd())
+                    } else {
+                        libc::fsync(fd.as_raw_fd())
+                    }
+                };
+                done(check(r.into()))
+            }),
+            Op::Stat { path } => lstat(&self.path(path)).map(stat_out),
+            Op::Open { slot, path, mode } => {
+                self.slots[slot] = None;
+                let fd = open(&self.path(path), mode.flags(), 0o644)?;
+                self.slots[slot] = Some(fd);
+                Ok(Out::Done)
+            }
+            Op::Close { slot } => self.slots[slot]
+                .take()
+                .map(|_| Out::Done)
+                .ok_or(libc::EBADF),
+            Op::FdWrite {
+                slot,
+                offset,
+                len,
+                byte,
+            } => pwrite_all(self.slot(slot)?, offset, len, byte),
+            Op::FdRead { slot, offset, len } => pread_all(self.slot(slot)?, offset, len),
+            Op::FdTruncate { slot, size } => done(check(
+                unsafe { libc::ftruncate(self.slot(slot)?.as_raw_fd(), size as i64) }.into(),
+            )),
+            Op::FdPunchHole { slot, offset, len } => fallocate(
+                self.slot(slot)?,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ),
+            Op::FdSync { slot } => done(check(
+                unsafe { libc::fsync(self.slot(slot)?.as_raw_fd()) }.into(),
+            )),
+            Op::FdStat { slot } => fstat(self.slot(slot)?).map(stat_out),
+        }
     }
+}
+
+/// Performs one operation with no descriptors kept (slot operations get EBADF).
+pub fn apply(root: &Path, op: &Op) -> Outcome {
+    Actor::new(root).apply(op)
 }
 
 /// A starting tree for a sequence, so that random operations find something to
@@ -399,6 +544,10 @@ fn name() -> impl Strategy<Value = usize> {
     0..NAMES.len()
 }
 
+fn slot() -> impl Strategy<Value = usize> {
+    0..SLOTS
+}
+
 /// Offsets: mostly near the start (overlaps), sometimes far past the end (holes).
 fn offset() -> impl Strategy<Value = u64> {
     prop_oneof![
@@ -441,6 +590,17 @@ fn write_mode() -> impl Strategy<Value = WriteMode> {
     ]
 }
 
+fn open_mode() -> impl Strategy<Value = OpenMode> {
+    prop_oneof![
+        1 => Just(OpenMode::ReadOnly),
+        1 => Just(OpenMode::WriteOnly),
+        2 => Just(OpenMode::ReadWrite),
+        1 => Just(OpenMode::Append),
+        1 => Just(OpenMode::Truncate),
+        1 => Just(OpenMode::Create),
+    ]
+}
+
 fn rename_flags() -> impl Strategy<Value = u32> {
     prop_oneof![
         3 => Just(0u32),
@@ -454,7 +614,7 @@ pub fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (name(), file_mode(), any::<bool>())
             .prop_map(|(path, mode, excl)| Op::Create { path, mode, excl }),
-        8 => (name(), offset(), length(), any::<u8>(), write_mode()).prop_map(
+        6 => (name(), offset(), length(), any::<u8>(), write_mode()).prop_map(
             |(path, offset, len, byte, mode)| Op::Write {
                 path,
                 offset,
@@ -486,6 +646,20 @@ pub fn op() -> impl Strategy<Value = Op> {
         ),
         1 => (name(), any::<bool>()).prop_map(|(path, data_only)| Op::Fsync { path, data_only }),
         1 => name().prop_map(|path| Op::Stat { path }),
+        3 => (slot(), name(), open_mode())
+            .prop_map(|(slot, path, mode)| Op::Open { slot, path, mode }),
+        1 => slot().prop_map(|slot| Op::Close { slot }),
+        4 => (slot(), offset(), length(), any::<u8>()).prop_map(
+            |(slot, offset, len, byte)| Op::FdWrite { slot, offset, len: len as usize, byte }
+        ),
+        2 => (slot(), offset(), length())
+            .prop_map(|(slot, offset, len)| Op::FdRead { slot, offset, len: len as usize }),
+        1 => (slot(), prop_oneof![offset(), 0u64..8_192])
+            .prop_map(|(slot, size)| Op::FdTruncate { slot, size }),
+        1 => (slot(), offset(), length())
+            .prop_map(|(slot, offset, len)| Op::FdPunchHole { slot, offset, len }),
+        1 => slot().prop_map(|slot| Op::FdSync { slot }),
+        1 => slot().prop_map(|slot| Op::FdStat { slot }),
     ]
 }
 
