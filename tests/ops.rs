@@ -2172,3 +2172,148 @@ fn lstat_helper_agrees_with_std() {
     assert_eq!(st.st_size, 3);
     assert_eq!(st.st_ino, fs::metadata(m.path("f")).unwrap().ino());
 }
+
+// ----- locks, mmap, odd opens ------------------------------------------------------
+
+#[test]
+fn flock_and_ofd_locks_exclude_each_other() {
+    // qemu's image locking relies on OFD locks; the kernel keeps them locally.
+    let m = TestMount::new();
+    fs::write(m.path("img"), vec![0u8; 4096]).unwrap();
+    let a = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("img"))
+        .unwrap();
+    let b = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("img"))
+        .unwrap();
+    // SAFETY: descriptors are open.
+    check(unsafe { libc::flock(a.as_raw_fd(), libc::LOCK_EX) } as i64).unwrap();
+    assert_eq!(
+        check(unsafe { libc::flock(b.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } as i64),
+        Err(libc::EWOULDBLOCK)
+    );
+    check(unsafe { libc::flock(a.as_raw_fd(), libc::LOCK_UN) } as i64).unwrap();
+    check(unsafe { libc::flock(b.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } as i64).unwrap();
+    check(unsafe { libc::flock(b.as_raw_fd(), libc::LOCK_UN) } as i64).unwrap();
+
+    let lock = |f: &File, ty: i32, start: i64| -> Result<i64, i32> {
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = ty as i16;
+        fl.l_whence = libc::SEEK_SET as i16;
+        fl.l_start = start;
+        fl.l_len = 100;
+        // SAFETY: f is open, fl is a valid flock.
+        check(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) } as i64)
+    };
+    lock(&a, libc::F_WRLCK, 0).unwrap();
+    assert_eq!(lock(&b, libc::F_WRLCK, 50), Err(libc::EAGAIN));
+    assert_eq!(lock(&b, libc::F_RDLCK, 0), Err(libc::EAGAIN));
+    lock(&b, libc::F_WRLCK, 100).unwrap();
+    lock(&a, libc::F_UNLCK, 0).unwrap();
+    lock(&b, libc::F_WRLCK, 0).unwrap();
+}
+
+#[test]
+fn shared_mmap_writes_reach_backing() {
+    let m = TestMount::new();
+    let len = 1 << 20;
+    File::create(m.path("mapped"))
+        .unwrap()
+        .set_len(len as u64)
+        .unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("mapped"))
+        .unwrap();
+    // SAFETY: mapping a file we hold open, of the length it has; unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: p maps len bytes.
+    let map = unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) };
+    map[4096..4101].copy_from_slice(b"hello");
+    map[len - 3..].copy_from_slice(b"end");
+    // SAFETY: p/len as mapped.
+    check(unsafe { libc::msync(p, len, libc::MS_SYNC) } as i64).unwrap();
+    let on_disk = fs::read(m.backing_path("mapped")).unwrap();
+    assert_eq!(&on_disk[4096..4101], b"hello");
+    assert_eq!(&on_disk[len - 3..], b"end");
+    // Reads through the file see the mapping's writes and the reverse.
+    assert_eq!(read_at(&f, 4096, 5), b"hello");
+    f.write_all_at(b"WORLD", 8192).unwrap();
+    assert_eq!(&map[8192..8197], b"WORLD");
+    // SAFETY: p/len as mapped; map is not used after this.
+    unsafe { libc::munmap(p, len) };
+}
+
+#[test]
+fn odd_opens_and_regular_mknod() {
+    let m = TestMount::new();
+    // mknod of a regular file.
+    mknod(&m.path("plain"), libc::S_IFREG | 0o640, 0).unwrap();
+    let md = fs::metadata(m.backing_path("plain")).unwrap();
+    assert!(md.is_file());
+    assert_eq!((md.len(), md.mode() & 0o7777), (0, 0o640));
+    // O_TMPFILE is not supported by the mount (it is by the backing fs).
+    assert_eq!(
+        lerr(open(&m.mnt, libc::O_TMPFILE | libc::O_RDWR, 0o600)),
+        libc::EOPNOTSUPP
+    );
+    // O_NOATIME and O_NONBLOCK are harmless on regular files.
+    let fd = open(
+        &m.path("plain"),
+        libc::O_RDONLY | libc::O_NOATIME | libc::O_NONBLOCK,
+        0,
+    )
+    .unwrap();
+    drop(fd);
+    // O_PATH opens never reach the filesystem's open and still stat.
+    let fd = open(&m.path("plain"), libc::O_PATH, 0).unwrap();
+    assert_eq!(common::fstat(&fd).unwrap().st_size, 0);
+}
+
+#[test]
+fn custom_state_dir_inside_backing_is_hidden() {
+    let m = TestMount::with_options(|o| o.state_dir = Some(o.backing.join("meta/state")));
+    assert!(m.backing_path("meta/state").is_dir());
+    fs::write(m.backing_path("meta/state/journal"), b"private").unwrap();
+    fs::write(m.backing_path("meta/visible"), b"public").unwrap();
+    assert_eq!(fs::read(m.path("meta/visible")).unwrap(), b"public");
+    assert_eq!(err(fs::metadata(m.path("meta/state"))), libc::ENOENT);
+    let names: Vec<_> = fs::read_dir(m.path("meta"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("visible")]);
+    assert!(fs::create_dir(m.path("meta/state")).is_err());
+    // Renaming its parent through the mount keeps it hidden.
+    fs::rename(m.path("meta"), m.path("meta2")).unwrap();
+    assert_eq!(err(fs::metadata(m.path("meta2/state"))), libc::ENOENT);
+    assert!(m.backing_path("meta2/state/journal").exists());
+    // At the top, ".replicafs" is then an ordinary name.
+    fs::create_dir(m.path(".replicafs")).unwrap();
+    assert!(m.backing_path(".replicafs").is_dir());
+}
+
+#[test]
+fn state_dir_outside_backing() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_owned();
+    let m = TestMount::with_options(|o| o.state_dir = Some(dir.join("st")));
+    assert!(dir.join("st").is_dir());
+    fs::create_dir(m.path(".replicafs")).unwrap();
+    assert!(m.backing_path(".replicafs").is_dir());
+}
