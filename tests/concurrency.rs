@@ -297,3 +297,54 @@ fn racing_namespace_operations_stay_consistent() {
         assert_eq!(a.len(), b.len(), "{:?}", e.file_name());
     }
 }
+
+/// Lookups, opens and reads of the same files while the kernel keeps
+/// forgetting inodes (caches dropped in a loop): every read must succeed with
+/// the right bytes, and afterwards the inode table shrinks back.
+#[test]
+fn lookups_race_with_forgets() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let m = TestMount::new();
+    fs::create_dir(m.path("many")).unwrap();
+    for i in 0..200 {
+        fs::write(m.path(format!("many/f{i}")), format!("content {i}")).unwrap();
+    }
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                common::drop_caches();
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        let readers: Vec<_> = (0..3)
+            .map(|t| {
+                let root = m.path("many");
+                s.spawn(move || {
+                    for pass in 0..15 {
+                        for i in 0..200 {
+                            let i = (i * 7 + t * 13 + pass) % 200;
+                            let got = fs::read_to_string(root.join(format!("f{i}")))
+                                .unwrap_or_else(|e| panic!("read f{i}: {e}"));
+                            assert_eq!(got, format!("content {i}"));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for r in readers {
+            r.join().unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while m.volume().inode_count() > 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "inodes not forgotten: {}",
+            m.volume().inode_count()
+        );
+        common::drop_caches();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

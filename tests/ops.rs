@@ -2317,3 +2317,70 @@ fn state_dir_outside_backing() {
     fs::create_dir(m.path(".replicafs")).unwrap();
     assert!(m.backing_path(".replicafs").is_dir());
 }
+
+#[test]
+fn other_user_in_setgid_directory() {
+    let m = TestMount::with_options(|o| o.allow_other = true);
+    fs::create_dir(m.path("g")).unwrap();
+    std::os::unix::fs::chown(m.path("g"), None, Some(4321)).unwrap();
+    fs::set_permissions(m.path("g"), fs::Permissions::from_mode(0o2777)).unwrap();
+    let (ok, stderr) = as_nobody(
+        "echo x > g/f && mkdir g/sub && ln -s f g/l && chmod 4755 g/f",
+        &m.mnt,
+    );
+    assert!(ok, "{stderr}");
+    for (name, want_mode) in [("g/f", Some(0o4755)), ("g/sub", None), ("g/l", None)] {
+        let md = fs::symlink_metadata(m.backing_path(name)).unwrap();
+        assert_eq!((md.uid(), md.gid()), (65534, 4321), "{name}");
+        if let Some(mode) = want_mode {
+            assert_eq!(md.mode() & 0o7777, mode, "{name}");
+        }
+    }
+    let sub = fs::metadata(m.backing_path("g/sub")).unwrap();
+    assert_ne!(sub.mode() & libc::S_ISGID, 0, "subdir lost set-gid");
+    // Through the mount the same.
+    let md = fs::metadata(m.path("g/f")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (65534, 4321));
+}
+
+#[test]
+fn readdir_long_names_span_many_replies() {
+    let m = TestMount::new();
+    fs::create_dir(m.path("long")).unwrap();
+    let mut want = std::collections::BTreeSet::new();
+    for i in 0..300 {
+        let mut name = format!("{i:03}-");
+        name.push_str(&"x".repeat(255 - name.len()));
+        fs::write(m.path("long").join(&name), b"").unwrap();
+        want.insert(name);
+    }
+    let got: std::collections::BTreeSet<String> = fs::read_dir(m.path("long"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(got, want);
+    // Removing entries while listing: every remaining entry is seen once.
+    let mut seen = std::collections::BTreeMap::new();
+    let mut it = fs::read_dir(m.path("long")).unwrap();
+    for _ in 0..100 {
+        let n = it.next().unwrap().unwrap().file_name();
+        *seen.entry(n).or_insert(0) += 1;
+    }
+    for i in (0..300).step_by(2) {
+        let mut name = format!("{i:03}-");
+        name.push_str(&"x".repeat(255 - name.len()));
+        let _ = fs::remove_file(m.path("long").join(name));
+    }
+    for e in it {
+        *seen.entry(e.unwrap().file_name()).or_insert(0) += 1;
+    }
+    assert!(seen.values().all(|&n| n == 1), "an entry was listed twice");
+    for i in (1..300).step_by(2) {
+        let mut name = format!("{i:03}-");
+        name.push_str(&"x".repeat(255 - name.len()));
+        assert!(
+            seen.contains_key(std::ffi::OsStr::new(&name)),
+            "{i} missing from the listing"
+        );
+    }
+}
