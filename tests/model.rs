@@ -68,7 +68,7 @@ fn run_sequence(m: TestMount, seq: &[Op]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(config(cases(100)))]
+    #![proptest_config(config(cases(200)))]
 
     #[test]
     fn mount_matches_plain_directory(seq in ops(60)) {
@@ -77,7 +77,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(config(cases(30)))]
+    #![proptest_config(config(cases(60)))]
 
     /// The same without the kernel's writeback cache: every write and append
     /// offset then comes straight from the kernel to us.

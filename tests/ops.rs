@@ -2058,6 +2058,15 @@ fn cli_refuses_bad_paths() {
     );
     // The same directory for both.
     assert_refused(&[&backing, &backing], &["inside"]);
+    // Zero request threads.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_replicafs"))
+        .args(["mount", "--threads", "0"])
+        .arg(&backing)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--threads must be at least 1"));
     // A mountpoint that is already a mount.
     let m = TestMount::new();
     assert_refused(&[&backing, &m.mnt], &["already a mount point", "umount"]);
