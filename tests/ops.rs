@@ -140,6 +140,12 @@ fn getattr_matches_backing() {
             );
         }
     }
+    // FUSE inode numbers hold while the kernel remembers the inode; pin both
+    // (a parallel test may drop caches).
+    let _pins = (
+        File::open(m.path("f")).unwrap(),
+        File::open(m.path("d")).unwrap(),
+    );
     let f = fs::metadata(m.path("f")).unwrap();
     assert_eq!(f.len(), 12345);
     assert!(f.is_file());
@@ -640,9 +646,12 @@ fn hard_links_share_inode() {
     fs::write(m.path("a"), b"shared").unwrap();
     fs::create_dir(m.path("d")).unwrap();
     fs::hard_link(m.path("a"), m.path("d/b")).unwrap();
+    // Keep the inode known to the kernel while comparing numbers.
+    let pin = File::open(m.path("a")).unwrap();
     let a = fs::metadata(m.path("a")).unwrap();
     let b = fs::metadata(m.path("d/b")).unwrap();
     assert_eq!(a.ino(), b.ino(), "hard links have one inode number");
+    drop(pin);
     assert_eq!(a.nlink(), 2);
     assert_eq!(b.nlink(), 2);
     let (ba, bb) = (
@@ -805,8 +814,9 @@ fn rename_keeps_open_handles_and_inode() {
     fs::rename(m.path("a"), m.path("d/moved")).unwrap();
     f.write_all(b"written after rename").unwrap();
     f.sync_all().unwrap();
-    drop(f);
+    // Still open, so the kernel still knows the inode by its number.
     assert_eq!(fs::metadata(m.path("d/moved")).unwrap().ino(), ino);
+    drop(f);
     assert_eq!(
         fs::read(m.backing_path("d/moved")).unwrap(),
         b"written after rename"
@@ -2177,6 +2187,7 @@ fn cli_exits_when_unmounted_externally() {
 fn lstat_helper_agrees_with_std() {
     let m = TestMount::new();
     fs::write(m.path("f"), b"abc").unwrap();
+    let _pin = File::open(m.path("f")).unwrap();
     let st = lstat(&m.path("f")).unwrap();
     assert_eq!(st.st_size, 3);
     assert_eq!(st.st_ino, fs::metadata(m.path("f")).unwrap().ino());
@@ -2392,4 +2403,56 @@ fn readdir_long_names_span_many_replies() {
             "{i} missing from the listing"
         );
     }
+}
+
+#[test]
+fn odd_names_and_the_mount_root() {
+    use std::os::unix::ffi::OsStrExt;
+    let m = TestMount::new();
+    let names: [&[u8]; 5] = [
+        b"\xff\xfe not utf-8",
+        b"new\nline",
+        b" leading and trailing ",
+        b"-dash",
+        b"\xe2\x9c\x93 unicode",
+    ];
+    for n in names {
+        let name = std::ffi::OsStr::from_bytes(n);
+        fs::write(m.path(name), n).unwrap();
+        assert_eq!(fs::read(m.backing_path(name)).unwrap(), n);
+    }
+    let listed: std::collections::BTreeSet<Vec<u8>> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+        .collect();
+    for n in names {
+        assert!(
+            listed.contains(n),
+            "{:?} not listed",
+            String::from_utf8_lossy(n)
+        );
+    }
+    // The root itself: its attributes are the backing dir's, and settable.
+    let a = fs::metadata(&m.mnt).unwrap();
+    let b = fs::metadata(&m.backing).unwrap();
+    assert_eq!((a.mode(), a.uid(), a.gid()), (b.mode(), b.uid(), b.gid()));
+    assert_eq!(a.ino(), 1, "the root is FUSE inode 1");
+    fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o711)).unwrap();
+    assert_eq!(fs::metadata(&m.backing).unwrap().mode() & 0o7777, 0o711);
+    setxattr(&m.mnt, "user.root", b"r", 0).unwrap();
+    assert_eq!(getxattr(&m.backing, "user.root", 10).unwrap(), b"r");
+    // listxattr's size query.
+    // SAFETY: valid C string; a null buffer of size 0 asks for the size.
+    let n = unsafe { libc::listxattr(cpath(&m.mnt).as_ptr(), std::ptr::null_mut(), 0) };
+    assert!(n >= "user.root\0".len() as isize, "size query gave {n}");
+    let mut small = [0u8; 3];
+    // SAFETY: valid C string and buffer.
+    let r = check(unsafe {
+        libc::listxattr(
+            cpath(&m.mnt).as_ptr(),
+            small.as_mut_ptr().cast(),
+            small.len(),
+        )
+    } as i64);
+    assert_eq!(r, Err(libc::ERANGE));
 }
