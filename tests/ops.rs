@@ -808,8 +808,8 @@ fn rename_plain_and_overwrite() {
 fn rename_keeps_open_handles_and_inode() {
     let m = TestMount::new();
     fs::write(m.path("a"), b"").unwrap();
-    let ino = fs::metadata(m.path("a")).unwrap().ino();
     let mut f = OpenOptions::new().write(true).open(m.path("a")).unwrap();
+    let ino = fs::metadata(m.path("a")).unwrap().ino();
     fs::create_dir(m.path("d")).unwrap();
     fs::rename(m.path("a"), m.path("d/moved")).unwrap();
     f.write_all(b"written after rename").unwrap();
