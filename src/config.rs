@@ -27,7 +27,8 @@ pub struct Config {
     /// Kernel writeback cache. Default true.
     pub writeback_cache: bool,
     /// FUSE passthrough for read-only opens (only when the writeback cache is off,
-    /// the kernel refuses both together). Default true.
+    /// the kernel refuses both together; while a file is open this way, opening
+    /// it for writing fails with EIO). Default false.
     pub passthrough: bool,
     /// Globs of paths never journaled or replicated. Default none.
     pub exclude: Vec<String>,
@@ -62,7 +63,7 @@ impl Default for Config {
             read_only: false,
             threads: None,
             writeback_cache: true,
-            passthrough: true,
+            passthrough: false,
             exclude: Vec::new(),
             journal: JournalConfig::default(),
         }

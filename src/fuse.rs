@@ -31,7 +31,11 @@ const MAX_WRITE: u32 = 1 << 20;
 pub struct FuseOptions {
     /// Let the kernel cache writes (FUSE writeback cache).
     pub writeback_cache: bool,
-    /// Serve read-only opens by FUSE passthrough when the kernel allows it.
+    /// Serve read-only opens by FUSE passthrough when the kernel allows it
+    /// (never with the writeback cache). Off by default: the kernel requires
+    /// every open of an inode held open by passthrough to be passthrough too,
+    /// and writes must come through us, so a writer opening such a file (a VM
+    /// starting while a backup reads its image) gets EIO.
     pub passthrough: bool,
 }
 
@@ -39,7 +43,7 @@ impl Default for FuseOptions {
     fn default() -> Self {
         FuseOptions {
             writeback_cache: true,
-            passthrough: true,
+            passthrough: false,
         }
     }
 }
@@ -51,7 +55,9 @@ enum IoMode {
     Cached,
     /// Straight to the backing file by the kernel (read-only opens only).
     Passthrough,
-    /// Through us without the page cache, while passthrough opens exist.
+    /// Through us without the page cache, while passthrough opens exist. The
+    /// kernel refuses such an open with EIO (an inode open by passthrough takes
+    /// passthrough opens only); see `FuseOptions::passthrough`.
     Direct,
 }
 
@@ -123,6 +129,10 @@ impl FuseAdapter {
             if read_only {
                 mode = IoMode::Passthrough;
             } else {
+                warn!(
+                    ino,
+                    "file is open by FUSE passthrough: the kernel refuses (EIO) to open it for writing"
+                );
                 mode = IoMode::Direct;
             }
         } else if read_only
@@ -699,6 +709,16 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        // With the writeback cache, written data can still sit in the kernel's
+        // page cache, invisible to SEEK_DATA/SEEK_HOLE on the backing file (the
+        // kernel does not flush before FUSE_LSEEK), so holes would be reported
+        // over real data and sparse copies would drop it. ENOSYS makes the kernel
+        // answer from its own size instead: all data, no hole; never wrong.
+        if self.volume.options().writeback_cache
+            && (whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE)
+        {
+            return reply.error(Errno::from_i32(libc::ENOSYS));
+        }
         match self.volume.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(self.fail("lseek", ino.0, e)),

@@ -59,8 +59,12 @@ struct MountArgs {
     /// Do not let the kernel cache writes.
     #[arg(long)]
     no_writeback_cache: bool,
-    /// Do not serve read-only opens by FUSE passthrough.
+    /// Serve read-only opens by FUSE passthrough (needs --no-writeback-cache).
+    /// While a file is open this way, opening it for writing fails with EIO.
     #[arg(long)]
+    passthrough: bool,
+    /// Accepted for compatibility: passthrough is off unless --passthrough.
+    #[arg(long, hide = true)]
     no_passthrough: bool,
     /// Never journal or replicate paths matching this glob (repeatable; adds to the config's).
     #[arg(long = "exclude", value_name = "GLOB")]
@@ -162,7 +166,7 @@ fn mount_options(args: &MountArgs, config: &Config) -> Result<MountOptions, BoxE
     }
     opts.fuse = FuseOptions {
         writeback_cache: config.writeback_cache && !args.no_writeback_cache,
-        passthrough: config.passthrough && !args.no_passthrough,
+        passthrough: (config.passthrough || args.passthrough) && !args.no_passthrough,
     };
     opts.exclude = config.exclude.clone();
     opts.exclude.extend(args.exclude.iter().cloned());

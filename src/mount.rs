@@ -129,9 +129,8 @@ pub fn check(opts: &MountOptions) -> Result<Checked, MountError> {
     if is_mount_point(&mountpoint) {
         return Err(MountError::MountpointIsMount(show(&mountpoint)));
     }
-    if std::fs::read_dir(&mountpoint)?.next().is_some() {
-        return Err(MountError::MountpointNotEmpty(show(&mountpoint)));
-    }
+    // Nesting first: a backing dir inside the mountpoint also makes the
+    // mountpoint non-empty, and "not empty" would hide the real problem.
     if mountpoint.starts_with(&backing) {
         return Err(MountError::MountpointInsideBacking {
             mountpoint: show(&mountpoint),
@@ -143,6 +142,9 @@ pub fn check(opts: &MountOptions) -> Result<Checked, MountError> {
             mountpoint: show(&mountpoint),
             backing: show(&backing),
         });
+    }
+    if std::fs::read_dir(&mountpoint)?.next().is_some() {
+        return Err(MountError::MountpointNotEmpty(show(&mountpoint)));
     }
     if !Path::new("/dev/fuse").exists() {
         return Err(MountError::NoFuseDevice);

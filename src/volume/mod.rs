@@ -643,41 +643,79 @@ impl Volume {
         self.writable()?;
         let parent = self.inodes.get(parent)?;
         let cname = self.child_name(&parent, name)?;
-        let oflags = self.backing_flags(flags) | libc::O_CREAT | (flags & libc::O_EXCL);
         let rec = self.recorder.as_ref();
         let _ns = rec.map(|r| r.namespace_lock());
-        let existed = sys::fstatat(parent.fd(), &cname).is_ok();
-        let fd = sys::openat(
-            parent.fd(),
-            &cname,
-            oflags | libc::O_NOFOLLOW,
-            mode & 0o7777,
-        )?;
-        let entry = if existed {
-            // O_CREAT on an existing file is an open (maybe truncating).
-            let entry = self.lookup_in(&parent, &cname)?;
-            if let Some(r) = rec
-                && flags & libc::O_TRUNC != 0
-                && let Some(info) = r.child_info(&parent, cname.as_bytes())
-                && !info.excluded
-            {
-                let inode = self.inodes.get(entry.attr.ino)?;
-                r.record(
-                    Some(&inode),
-                    &Op::Truncate {
+        // O_EXCL here tells whether we made the file: only a new file is
+        // given to the caller.
+        let oflags = self.backing_flags(flags) | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+        let (fd, entry) = match sys::openat(parent.fd(), &cname, oflags, mode & 0o7777) {
+            Ok(fd) => (fd, self.finish_new(&parent, &cname, caller)?),
+            Err(e) if e == Error::EEXIST && flags & libc::O_EXCL == 0 => {
+                let (fd, entry) = self.open_existing(&parent, &cname, flags, caller)?;
+                // O_CREAT on an existing file is an open, maybe truncating.
+                if let Some(r) = rec
+                    && flags & libc::O_TRUNC != 0
+                    && flags & libc::O_ACCMODE != libc::O_RDONLY
+                    && let Some(info) = r.child_info(&parent, cname.as_bytes())
+                    && !info.excluded
+                {
+                    let inode = self.inodes.get(entry.attr.ino)?;
+                    let op = Op::Truncate {
                         path: info.rel.to_vec(),
                         size: 0,
-                    },
-                    &[],
-                );
+                    };
+                    r.record(Some(&inode), &op, &[]);
+                }
+                (fd, entry)
             }
-            entry
-        } else {
-            self.finish_new(&parent, &cname, caller)?
+            Err(e) => return Err(e),
         };
         let inode = self.inodes.get(entry.attr.ino)?;
         let opened = self.register_file(inode, fd, flags);
         Ok((entry, opened))
+    }
+
+    /// Create without O_EXCL of a name that exists (made since the kernel's
+    /// lookup): open it as open(2) would, with the caller's permissions checked
+    /// (we run as root), and leave its owner alone.
+    fn open_existing(
+        &self,
+        parent: &Inode,
+        name: &CString,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(OwnedFd, EntryOut)> {
+        let mut entry = self.lookup_in(parent, name)?;
+        let ino = entry.attr.ino;
+        let opened = self.inodes.get(ino).and_then(|inode| {
+            let acc = flags & libc::O_ACCMODE;
+            let mut mask = 0;
+            if acc != libc::O_WRONLY {
+                mask |= libc::R_OK;
+            }
+            if acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+                mask |= libc::W_OK;
+            }
+            self.access(ino, mask, caller)?;
+            if inode.is_symlink() {
+                return Err(Error::from_errno(libc::ELOOP));
+            }
+            if inode.is_dir() {
+                return Err(Error::from_errno(libc::EISDIR));
+            }
+            let proc = sys::proc_path(inode.fd().as_raw_fd());
+            let fd = sys::open_path(&proc, self.backing_flags(flags))?;
+            // O_TRUNC may have changed the size since the lookup.
+            entry.attr.stat = sys::fstat(fd.as_fd())?;
+            Ok(fd)
+        });
+        match opened {
+            Ok(fd) => Ok((fd, entry)),
+            Err(e) => {
+                self.forget(ino, 1);
+                Err(e)
+            }
+        }
     }
 
     /// The open file behind a handle (the FUSE adapter needs its descriptor for passthrough).

@@ -1,0 +1,316 @@
+//! Reference-model test: random operation sequences applied to the mount and to
+//! a plain directory must give the same result (value or errno) op by op, and
+//! the same trees at the end (through the mount and in the backing dir).
+
+mod common;
+
+use common::TestMount;
+use common::model::{Actor, Op, ops, prelude};
+use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
+
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        max_shrink_iters: 300,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        ..ProptestConfig::default()
+    }
+}
+
+fn run_sequence(m: TestMount, seq: &[Op]) -> Result<(), TestCaseError> {
+    let plain = tempfile::tempdir().expect("plain dir");
+    let mut mount_side = Actor::new(&m.mnt);
+    let mut plain_side = Actor::new(plain.path());
+    for op in prelude() {
+        let (got, want) = (mount_side.apply(&op), plain_side.apply(&op));
+        prop_assert_eq!(&got, &want, "prelude {:?}", op);
+        prop_assert!(got.is_ok(), "prelude {:?}: {:?}", op, got);
+    }
+    let debug = std::env::var("MODEL_DEBUG").is_ok();
+    for (i, op) in seq.iter().enumerate() {
+        let got = mount_side.apply(op);
+        let want = plain_side.apply(op);
+        if debug {
+            eprintln!("{op:?} -> {got:?}");
+        }
+        prop_assert_eq!(
+            &got,
+            &want,
+            "op #{} {:?}: mount (left) and plain dir (right) disagree",
+            i,
+            op
+        );
+    }
+    // Close what is still open (the kernel flushes on close), then compare.
+    mount_side.close_all();
+    plain_side.close_all();
+    let diffs = common::compare_trees(&m.mnt, plain.path());
+    prop_assert!(
+        diffs.is_empty(),
+        "mount vs plain dir:\n  {}",
+        diffs.join("\n  ")
+    );
+    let diffs = common::compare_trees(&m.backing, plain.path());
+    prop_assert!(
+        diffs.is_empty(),
+        "backing vs plain dir:\n  {}",
+        diffs.join("\n  ")
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config(cases(200)))]
+
+    #[test]
+    fn mount_matches_plain_directory(seq in ops(60)) {
+        run_sequence(TestMount::new(), &seq)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(cases(60)))]
+
+    /// The same without the kernel's writeback cache: every write and append
+    /// offset then comes straight from the kernel to us.
+    #[test]
+    fn mount_without_writeback_cache_matches_plain_directory(seq in ops(60)) {
+        let m = TestMount::with_options(|o| o.fuse.writeback_cache = false);
+        run_sequence(m, &seq)?;
+    }
+}
+
+/// A fixed sequence that touches every operation kind once, so a broken
+/// operation fails here with a readable case even before proptest shrinks.
+#[test]
+fn every_operation_once() {
+    use common::model::{Time, WriteMode};
+    let seq = vec![
+        Op::Mkdir {
+            path: 3,
+            mode: 0o755,
+        },
+        Op::Create {
+            path: 0,
+            mode: 0o644,
+            excl: true,
+        },
+        Op::Create {
+            path: 0,
+            mode: 0o644,
+            excl: true,
+        },
+        Op::Write {
+            path: 0,
+            offset: 100_000,
+            len: 5000,
+            byte: 7,
+            mode: WriteMode::Plain,
+        },
+        Op::Write {
+            path: 0,
+            offset: 0,
+            len: 10,
+            byte: 8,
+            mode: WriteMode::Append,
+        },
+        Op::Read {
+            path: 0,
+            offset: 99_990,
+            len: 100,
+        },
+        Op::PunchHole {
+            path: 0,
+            offset: 4096,
+            len: 8192,
+        },
+        Op::ZeroRange {
+            path: 0,
+            offset: 100_100,
+            len: 100,
+            keep_size: false,
+        },
+        Op::ZeroRange {
+            path: 0,
+            offset: 200_000,
+            len: 100,
+            keep_size: true,
+        },
+        Op::Truncate {
+            path: 0,
+            size: 50_000,
+        },
+        Op::Link { from: 0, to: 5 },
+        Op::Symlink { target: 3, path: 1 },
+        Op::Write {
+            path: 1,
+            offset: 3,
+            len: 3,
+            byte: 9,
+            mode: WriteMode::Sync,
+        },
+        Op::Rename {
+            from: 0,
+            to: 5,
+            flags: libc::RENAME_NOREPLACE,
+        },
+        Op::Rename {
+            from: 0,
+            to: 1,
+            flags: libc::RENAME_EXCHANGE,
+        },
+        Op::Rename {
+            from: 3,
+            to: 4,
+            flags: 0,
+        },
+        Op::Rmdir { path: 4 },
+        Op::Unlink { path: 4 },
+        Op::Chmod {
+            path: 0,
+            mode: 0o600,
+        },
+        Op::Utimens {
+            path: 1,
+            atime: Time::At(1000),
+            mtime: Time::Omit,
+            nofollow: true,
+        },
+        Op::Utimens {
+            path: 0,
+            atime: Time::Now,
+            mtime: Time::At(5),
+            nofollow: false,
+        },
+        Op::Fsync {
+            path: 4,
+            data_only: false,
+        },
+        Op::Fsync {
+            path: 0,
+            data_only: true,
+        },
+        Op::Stat { path: 0 },
+        Op::Stat { path: 1 },
+        Op::Unlink { path: 1 },
+        Op::Write {
+            path: 0,
+            offset: 0,
+            len: 1,
+            byte: 1,
+            mode: WriteMode::Trunc,
+        },
+    ];
+    if let Err(e) = run_sequence(TestMount::new(), &seq) {
+        panic!("{e}");
+    }
+}
+
+/// Descriptors kept open across renames, unlinks, truncation and hole punching.
+#[test]
+fn descriptor_operations_once() {
+    use common::model::OpenMode;
+    let seq = vec![
+        Op::Open {
+            slot: 0,
+            path: 5,
+            mode: OpenMode::ReadWrite,
+        },
+        Op::Open {
+            slot: 1,
+            path: 5,
+            mode: OpenMode::Append,
+        },
+        Op::FdWrite {
+            slot: 0,
+            offset: 70_000,
+            len: 100,
+            byte: 3,
+        },
+        Op::Rename {
+            from: 5,
+            to: 9,
+            flags: 0,
+        },
+        Op::FdWrite {
+            slot: 1,
+            offset: 0,
+            len: 10,
+            byte: 4,
+        },
+        Op::Unlink { path: 9 },
+        Op::FdStat { slot: 0 },
+        Op::FdWrite {
+            slot: 0,
+            offset: 10,
+            len: 10,
+            byte: 5,
+        },
+        Op::FdRead {
+            slot: 1,
+            offset: 0,
+            len: 100,
+        },
+        Op::FdRead {
+            slot: 0,
+            offset: 0,
+            len: 200_000,
+        },
+        Op::FdTruncate {
+            slot: 0,
+            size: 1000,
+        },
+        Op::FdTruncate { slot: 1, size: 10 },
+        Op::FdPunchHole {
+            slot: 0,
+            offset: 100,
+            len: 100,
+        },
+        Op::FdSync { slot: 0 },
+        Op::FdRead {
+            slot: 0,
+            offset: 0,
+            len: 2000,
+        },
+        Op::Close { slot: 1 },
+        Op::Close { slot: 1 },
+        Op::FdWrite {
+            slot: 2,
+            offset: 0,
+            len: 1,
+            byte: 1,
+        },
+        Op::Open {
+            slot: 2,
+            path: 8,
+            mode: OpenMode::Create,
+        },
+        Op::Open {
+            slot: 2,
+            path: 7,
+            mode: OpenMode::ReadOnly,
+        },
+        Op::FdRead {
+            slot: 2,
+            offset: 0,
+            len: 10,
+        },
+        Op::FdSync { slot: 2 },
+        Op::Open {
+            slot: 2,
+            path: 3,
+            mode: OpenMode::Truncate,
+        },
+    ];
+    if let Err(e) = run_sequence(TestMount::new(), &seq) {
+        panic!("{e}");
+    }
+}
