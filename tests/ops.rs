@@ -2311,7 +2311,7 @@ fn odd_opens_and_regular_mknod() {
 fn custom_state_dir_inside_backing_is_hidden() {
     let m = TestMount::with_options(|o| o.state_dir = Some(o.backing.join("meta/state")));
     assert!(m.backing_path("meta/state").is_dir());
-    fs::write(m.backing_path("meta/state/journal"), b"private").unwrap();
+    fs::write(m.backing_path("meta/state/private-file"), b"private").unwrap();
     fs::write(m.backing_path("meta/visible"), b"public").unwrap();
     assert_eq!(fs::read(m.path("meta/visible")).unwrap(), b"public");
     assert_eq!(err(fs::metadata(m.path("meta/state"))), libc::ENOENT);
