@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 
 pub const ROOT_INO: u64 = 1;
 
+/// Other names kept per hard-linked inode (see [`Inode::aliases`]).
+const MAX_ALIASES: usize = 4;
+
 /// Identity of a backing object.
 pub type BackingKey = (u64, u64);
 
@@ -36,6 +39,11 @@ pub struct Inode {
     /// Path relative to the mount root, valid while the volume's namespace
     /// generation equals `.0`.
     pub path_cache: std::sync::Mutex<Option<(u64, Option<PathInfo>)>>,
+    /// O_PATH fds by other names the object was found under (newest last, a
+    /// few at most). The kernel names an fd by the dentry it was opened through;
+    /// when that name is removed while another hard link remains, one of these
+    /// still names the object.
+    pub aliases: std::sync::Mutex<Vec<OwnedFd>>,
 }
 
 /// Where an inode sits, as the journal names it.
@@ -94,6 +102,7 @@ impl InodeTable {
             mutation: Default::default(),
             last_seq: AtomicU64::new(0),
             path_cache: Default::default(),
+            aliases: Default::default(),
         });
         let mut tables = Tables::default();
         tables.by_key.insert(root.key, ROOT_INO);
@@ -135,6 +144,14 @@ impl InodeTable {
             && let Some(entry) = tables.by_ino.get_mut(&ino)
         {
             entry.nlookup += 1;
+            // Only hard-linked objects can lose the name their fd was opened by.
+            if st.st_nlink > 1 {
+                let mut aliases = entry.inode.aliases.lock().unwrap_or_else(|e| e.into_inner());
+                if aliases.len() >= MAX_ALIASES {
+                    aliases.remove(0);
+                }
+                aliases.push(fd);
+            }
             return entry.inode.clone();
         }
         let ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
@@ -146,6 +163,7 @@ impl InodeTable {
             mutation: Default::default(),
             last_seq: AtomicU64::new(0),
             path_cache: Default::default(),
+            aliases: Default::default(),
         });
         tables.by_key.insert(key, ino);
         tables.by_ino.insert(

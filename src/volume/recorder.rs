@@ -6,6 +6,7 @@
 //! namespace lock exclusively. So a record's path is the path the object had when
 //! the mutation happened, and for any file, journal order is application order.
 
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -99,30 +100,40 @@ impl Recorder {
                 excluded: false,
             });
         }
-        use std::os::fd::AsRawFd;
-        use std::os::unix::ffi::OsStrExt;
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", inode.fd().as_raw_fd())).ok()?;
-        let bytes = link.as_os_str().as_bytes();
-        let rel = bytes.strip_prefix(self.prefix.as_slice())?;
         // An unlinked object has no path: nothing to journal for it.
         let st = super::sys::fstat(inode.fd()).ok()?;
         if st.st_nlink == 0 {
             return None;
         }
-        // The kernel names the dentry the fd was opened by; if that name was
-        // removed while another hard link remains, it is no longer the object's.
-        let here = std::fs::symlink_metadata(std::ffi::OsStr::from_bytes(bytes)).ok()?;
-        {
-            use std::os::unix::fs::MetadataExt;
-            if (here.dev(), here.ino()) != inode.key {
-                warn!(path = %String::from_utf8_lossy(rel), "object reached through a removed hard link; its changes are not journaled");
-                return None;
-            }
-        }
+        let rel = self.name_of(inode, inode.fd()).or_else(|| {
+            let aliases = inode.aliases.lock().unwrap_or_else(|e| e.into_inner());
+            aliases
+                .iter()
+                .rev()
+                .find_map(|fd| self.name_of(inode, fd.as_fd()))
+        });
+        let Some(rel) = rel else {
+            warn!(ino = inode.ino, "no current name for a linked object; its changes are not journaled");
+            return None;
+        };
+        let excluded = self.exclusions().is_excluded(&rel);
         Some(PathInfo {
             rel: Arc::from(rel),
-            excluded: self.exclusions().is_excluded(rel),
+            excluded,
         })
+    }
+
+    /// The path (relative to the backing dir) the kernel gives `fd`, if it still
+    /// names `inode`'s object.
+    fn name_of(&self, inode: &Inode, fd: std::os::fd::BorrowedFd<'_>) -> Option<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::MetadataExt;
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+        let bytes = link.as_os_str().as_bytes();
+        let rel = bytes.strip_prefix(self.prefix.as_slice())?;
+        let here = std::fs::symlink_metadata(std::ffi::OsStr::from_bytes(bytes)).ok()?;
+        ((here.dev(), here.ino()) == inode.key).then(|| rel.to_vec())
     }
 
     /// The inode's current path, if it has one (cached per namespace generation).
