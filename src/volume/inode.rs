@@ -146,7 +146,11 @@ impl InodeTable {
             entry.nlookup += 1;
             // Only hard-linked objects can lose the name their fd was opened by.
             if st.st_nlink > 1 {
-                let mut aliases = entry.inode.aliases.lock().unwrap_or_else(|e| e.into_inner());
+                let mut aliases = entry
+                    .inode
+                    .aliases
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 if aliases.len() >= MAX_ALIASES {
                     aliases.remove(0);
                 }

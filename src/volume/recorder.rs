@@ -113,7 +113,10 @@ impl Recorder {
                 .find_map(|fd| self.name_of(inode, fd.as_fd()))
         });
         let Some(rel) = rel else {
-            warn!(ino = inode.ino, "no current name for a linked object; its changes are not journaled");
+            warn!(
+                ino = inode.ino,
+                "no current name for a linked object; its changes are not journaled"
+            );
             return None;
         };
         let excluded = self.exclusions().is_excluded(&rel);

@@ -352,8 +352,8 @@ pub fn assert_no_mount_under(root: &Path) {
 /// Applies the journal of `state_dir` (not mounted) onto `target`, records
 /// 1..=`to`; returns how many were applied.
 pub fn replay_journal(state_dir: &Path, target: &Path, to: u64) -> u64 {
-    let (journal, _) = replicafs::journal::Journal::open(state_dir, Default::default())
-        .expect("open journal");
+    let (journal, _) =
+        replicafs::journal::Journal::open(state_dir, Default::default()).expect("open journal");
     let applier = replicafs::journal::apply::Applier::new(target).expect("replay target");
     let mut n = 0;
     for r in journal.records(0, to) {
