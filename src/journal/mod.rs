@@ -210,6 +210,29 @@ fn meta_u64(meta: &sled::Tree, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Opens the sled index. sled releases its file lock only when its background
+/// flusher has stopped, a moment after the previous owner dropped it (a quick
+/// remount, a test reopening the journal), so a held lock is retried briefly.
+fn open_index(path: &Path) -> Result<sled::Db, JournalError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .cache_capacity(64 << 20)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The journal directory inside a state directory.
 pub fn journal_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("journal")
@@ -225,10 +248,7 @@ impl Journal {
         options.validate().map_err(JournalError::Options)?;
         let dir = journal_dir(state_dir);
         std::fs::create_dir_all(&dir)?;
-        let db = sled::Config::new()
-            .path(dir.join("index.sled"))
-            .cache_capacity(64 << 20)
-            .open()?;
+        let db = open_index(&dir.join("index.sled"))?;
         let index = db.open_tree("index")?;
         let meta = db.open_tree("meta")?;
         let dirty = DirtyList::new(db.open_tree("dirty")?);
