@@ -269,7 +269,11 @@ impl Filesystem for FuseAdapter {
         if let Err(e) = config.set_max_write(MAX_WRITE) {
             debug!(max = e, "kernel caps max_write");
         }
-        let mut wanted = InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_ASYNC_DIO;
+        // KILLPRIV_V2: we clear set-id bits ourselves (see Volume::write), so the
+        // kernel stops asking for security.capability before every write.
+        let mut wanted = InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ASYNC_DIO
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         if self.options.writeback_cache && !self.volume.options().read_only {
             wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
@@ -308,7 +312,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -331,6 +335,8 @@ impl Filesystem for FuseAdapter {
             size,
             atime: atime.map(time_spec),
             mtime: mtime.map(time_spec),
+            // With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves this to us.
+            kill_suidgid: size.is_some() && req.uid() != 0,
         };
         match self.volume.setattr(ino.0, fh.map(|f| f.0), &changes) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
@@ -443,8 +449,8 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let opened = match self.volume.open(ino.0, flags.0) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let opened = match self.volume.open(ino.0, flags.0, caller(req)) {
             Ok(o) => o,
             Err(e) => return reply.error(self.fail("open", ino.0, e)),
         };
@@ -488,12 +494,13 @@ impl Filesystem for FuseAdapter {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.volume.write(fh.0, offset, data) {
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.volume.write(fh.0, offset, data, kill) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(self.fail("write", ino.0, e)),
         }

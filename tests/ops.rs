@@ -440,7 +440,7 @@ fn create_of_existing_name_keeps_owner_and_permissions() {
             nobody,
         )
         .expect("open an existing writable file through create");
-    v.write(opened.fh, 0, b"ROOT").unwrap();
+    v.write(opened.fh, 0, b"ROOT", false).unwrap();
     v.release(opened.fh);
     v.forget(entry.attr.ino, 1);
     let md = fs::metadata(m.backing_path("shared")).unwrap();
@@ -2457,4 +2457,30 @@ fn odd_names_and_the_mount_root() {
         )
     } as i64);
     assert_eq!(r, Err(libc::ERANGE));
+}
+
+#[test]
+fn unprivileged_write_and_truncate_clear_set_id_bits() {
+    let m = TestMount::with_options(|o| o.allow_other = true);
+    for (name, script) in [("w", "echo x >> w"), ("t", "truncate -s 0 t")] {
+        fs::write(m.path(name), b"data").unwrap();
+        fs::set_permissions(m.path(name), fs::Permissions::from_mode(0o6777)).unwrap();
+        let (ok, stderr) = as_nobody(script, &m.mnt);
+        assert!(ok, "{script}: {stderr}");
+        let mode = fs::metadata(m.path(name)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o0777, "{script} left set-id bits");
+        let backing = fs::metadata(m.backing_path(name)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(backing, 0o0777);
+    }
+    // Root (CAP_FSETID) keeps them, as on a local filesystem.
+    fs::write(m.path("r"), b"data").unwrap();
+    fs::set_permissions(m.path("r"), fs::Permissions::from_mode(0o6755)).unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("r"))
+        .unwrap()
+        .write_all(b"more")
+        .unwrap();
+    let mode = fs::metadata(m.path("r")).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o6755);
 }

@@ -51,6 +51,8 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<TimeSpec>,
     pub mtime: Option<TimeSpec>,
+    /// A size change by a caller without CAP_FSETID: clear set-id bits too.
+    pub kill_suidgid: bool,
 }
 
 /// Attributes of a file as the mount reports them (backing stat, our inode number).
@@ -278,6 +280,9 @@ impl Volume {
             sys::fchownat_empty(inode.fd(), changes.uid, changes.gid)?;
         }
         if let Some(size) = changes.size {
+            if changes.kill_suidgid && changes.mode.is_none() {
+                self.kill_suidgid(&inode, path.as_deref())?;
+            }
             match &file {
                 Some(f) if f.writable() => sys::ftruncate(f.file.as_raw_fd(), size)?,
                 _ => sys::truncate_path(&proc, size)?,
@@ -592,7 +597,8 @@ impl Volume {
         Ok(())
     }
 
-    pub fn open(&self, ino: u64, flags: i32) -> Result<Opened> {
+    /// Opens a file; `caller` matters only for O_TRUNC (set-id bits go unless root).
+    pub fn open(&self, ino: u64, flags: i32, caller: Caller) -> Result<Opened> {
         self.check_open_flags(flags)?;
         let inode = self.inodes.get(ino)?;
         if inode.is_dir() {
@@ -604,7 +610,11 @@ impl Volume {
             let _ns = r.data_lock();
             let _order = inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
             let fd = sys::open_path(&proc, self.backing_flags(flags))?;
-            if let Some(p) = r.journaled_path(&inode) {
+            let path = r.journaled_path(&inode);
+            if caller.uid != 0 {
+                self.kill_suidgid(&inode, path.as_deref())?;
+            }
+            if let Some(p) = path {
                 r.record(
                     Some(&inode),
                     &Op::Truncate {
@@ -616,7 +626,12 @@ impl Volume {
             }
             fd
         } else {
-            sys::open_path(&proc, self.backing_flags(flags))?
+            let fd = sys::open_path(&proc, self.backing_flags(flags))?;
+            if truncates && caller.uid != 0 {
+                let _order = inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
+                self.kill_suidgid(&inode, None)?;
+            }
+            fd
         };
         Ok(self.register_file(inode, fd, flags))
     }
@@ -738,7 +753,10 @@ impl Volume {
         Ok(buf)
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+    /// Writes `data` at `offset`. `kill_suidgid`: the writer lacks CAP_FSETID, so
+    /// set-id bits go (the kernel leaves that to us with FUSE_HANDLE_KILLPRIV_V2,
+    /// and our own writes as root would keep them).
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> Result<u32> {
         self.writable()?;
         let f = self.handles.file(fh)?;
         let len = u32::try_from(data.len()).map_err(|_| Error::EINVAL)?;
@@ -746,6 +764,9 @@ impl Volume {
         let ns = rec.map(|r| r.data_lock());
         let mut state = f.inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
         let path = rec.and_then(|r| r.journaled_path(&f.inode));
+        if kill_suidgid {
+            self.kill_suidgid(&f.inode, path.as_deref())?;
+        }
         let mut overfull = false;
         if let (Some(r), Some(p)) = (rec, &path) {
             overfull = r.ensure_hot(&mut state, p, offset, data.len() as u64);
@@ -791,6 +812,37 @@ impl Volume {
 
     pub fn release(&self, fh: u64) {
         self.handles.remove(fh);
+    }
+
+    /// Clears S_ISUID, and S_ISGID when group-executable, as a write or truncate
+    /// by an unprivileged caller does; journals the new mode. Called with the
+    /// inode's mutation lock held.
+    fn kill_suidgid(&self, inode: &Inode, path: Option<&[u8]>) -> Result<()> {
+        let st = sys::fstat(inode.fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(());
+        }
+        let mut mode = st.st_mode & 0o7777;
+        mode &= !libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            mode &= !libc::S_ISGID;
+        }
+        if mode == st.st_mode & 0o7777 {
+            return Ok(());
+        }
+        sys::chmod_path(&sys::proc_path(inode.fd().as_raw_fd()), mode)?;
+        if let (Some(r), Some(p)) = (&self.recorder, path) {
+            let op = Op::SetAttr {
+                path: p.to_vec(),
+                mode: Some(mode),
+                uid: None,
+                gid: None,
+                atime: None,
+                mtime: None,
+            };
+            r.record(Some(inode), &op, &[]);
+        }
+        Ok(())
     }
 
     /// fsync/fdatasync: the backing file and the journal through the file's
