@@ -52,6 +52,7 @@ BIN=${REPLICAFS_BIN:-$REPO/target/release/replicafs}
 # Add new ones here (e.g. journal settings once they exist).
 ALL_VARIANTS=(
     "default|"
+    "no-journal|--no-journal"
     "no-wbc|--no-writeback-cache"
     "no-wbc-no-pt|--no-writeback-cache --no-passthrough"
     "threads2|--threads 2"
