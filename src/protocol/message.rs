@@ -1,0 +1,92 @@
+//! The messages primary and replica exchange.
+
+use serde::{Deserialize, Serialize};
+
+use crate::journal::record::{self, Record};
+
+/// One message. Primary → replica: `Hello`, `Batch`. Replica → primary:
+/// `Welcome`, `Ack`. Either way: `Goodbye` (with the reason the sender closes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// First message of a connection, from the primary.
+    Hello {
+        /// Identifies the primary's history (its state directory).
+        volume_id: u64,
+        /// The primary's newest seq, for the replica's lag display.
+        last_seq: u64,
+    },
+    /// The replica's answer: where to resume.
+    Welcome {
+        volume_id: u64,
+        /// Every record up to this seq is in the replica's receive log.
+        received: u64,
+        /// Every record up to this seq is applied to the mirror.
+        applied: u64,
+    },
+    /// Records covering `first..=last`, as concatenated journal frames. Some
+    /// seqs of the range may be absent (overwritten within the batch): the batch
+    /// is applied as a unit.
+    Batch {
+        first: u64,
+        last: u64,
+        /// The primary's newest seq when the batch was made.
+        primary_last: u64,
+        frames: Vec<u8>,
+    },
+    /// Progress, from the replica.
+    Ack {
+        received: u64,
+        applied: u64,
+        /// Why applying is stuck (disk full …), if it is.
+        error: Option<String>,
+    },
+    Goodbye {
+        reason: String,
+    },
+}
+
+impl Message {
+    pub fn kind(&self) -> u8 {
+        match self {
+            Message::Hello { .. } => 1,
+            Message::Welcome { .. } => 2,
+            Message::Batch { .. } => 3,
+            Message::Ack { .. } => 4,
+            Message::Goodbye { .. } => 5,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Welcome { .. } => "welcome",
+            Message::Batch { .. } => "batch",
+            Message::Ack { .. } => "ack",
+            Message::Goodbye { .. } => "goodbye",
+        }
+    }
+}
+
+/// Concatenates the journal frames of `records`.
+pub fn encode_records(records: &[Record]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(records.iter().map(|r| r.data.len() + 64).sum());
+    for r in records {
+        record::encode_frame(r.seq, &record::encode_op(&r.op), &r.data, &mut out);
+    }
+    out
+}
+
+/// Splits concatenated journal frames, checking each one's checksum.
+pub fn decode_records(mut buf: &[u8]) -> Result<Vec<Record>, record::FrameError> {
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let h = record::FrameHeader::parse(buf)?;
+        let len = h.frame_len();
+        if buf.len() < len {
+            return Err(record::FrameError::Truncated(len - buf.len()));
+        }
+        out.push(record::decode_frame(&buf[..len])?);
+        buf = &buf[len..];
+    }
+    Ok(out)
+}

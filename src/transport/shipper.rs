@@ -1,0 +1,587 @@
+//! The primary's sender: one thread with its own tokio runtime, one task per
+//! peer. Each task connects (pinned mutual TLS), learns where the peer stands,
+//! and streams batches read from the journal: coalesced, zstd-compressed when
+//! that pays, throttled to the bandwidth limit. Peers progress independently;
+//! the mount never waits for them (the journal holds what they have not
+//! applied, up to its cap). Once every peer has applied a seq, the journal is
+//! trimmed through it.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::io::{close_with, read_message, write_bytes, write_message};
+use super::status::{PeerStatus, Status};
+use super::tls::{self, Fingerprint, Identity};
+use crate::journal::Journal;
+use crate::journal::record::Record;
+use crate::protocol::frame;
+use crate::protocol::{Decoder, Message, Sender, SenderConfig, SenderEvent};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// host:port
+    pub address: String,
+    pub fingerprint: Fingerprint,
+}
+
+impl Peer {
+    /// Parses `ADDR=FINGERPRINT`.
+    pub fn parse(s: &str) -> Result<Peer, String> {
+        let (a, f) = s
+            .rsplit_once('=')
+            .ok_or_else(|| format!("peer {s:?} is not ADDRESS=FINGERPRINT"))?;
+        Ok(Peer {
+            address: a.to_string(),
+            fingerprint: Fingerprint::parse(f)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ShipperOptions {
+    pub peers: Vec<Peer>,
+    /// zstd level; 0 sends everything raw.
+    pub compression_level: i32,
+    /// Wire bytes per second per peer; 0 is unlimited.
+    pub bandwidth_limit: u64,
+    pub sender: SenderConfig,
+}
+
+impl Default for ShipperOptions {
+    fn default() -> Self {
+        ShipperOptions {
+            peers: Vec::new(),
+            compression_level: 3,
+            bandwidth_limit: 0,
+            sender: SenderConfig::default(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct PeerState {
+    connected: bool,
+    state: &'static str,
+    error: Option<String>,
+    sent: u64,
+    received: u64,
+    /// None until the peer told us since this process started.
+    applied: Option<u64>,
+    wire_bytes: u64,
+    payload_bytes: u64,
+    /// (last seq, payload bytes) of batches sent and not yet applied.
+    unapplied: VecDeque<(u64, u64)>,
+    applied_payload: u64,
+    rate: Option<(Instant, u64, f64)>,
+}
+
+struct Shared {
+    journal: Arc<Journal>,
+    peers: Vec<(Peer, Mutex<PeerState>)>,
+    /// (seq, first seen): when the shipper first saw the journal reach seq.
+    seen: Mutex<VecDeque<(u64, Instant)>>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn peer(&self, i: usize) -> std::sync::MutexGuard<'_, PeerState> {
+        self.peers[i].1.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn note_seen(&self, last: u64) {
+        let mut s = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if s.back().is_none_or(|&(l, _)| l < last) {
+            s.push_back((last, Instant::now()));
+            if s.len() > 100_000 {
+                s.pop_front();
+            }
+        }
+    }
+
+    /// How long ago the journal first showed the oldest record above `applied`.
+    fn lag_seconds(&self, applied: u64) -> f64 {
+        let s = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        s.iter()
+            .find(|(l, _)| *l > applied)
+            .map(|(_, t)| t.elapsed().as_secs_f64())
+            .unwrap_or(0.0)
+    }
+}
+
+/// A running shipper; stops when dropped.
+pub struct Shipper {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The primary's volume id: random, kept in the state dir, so a replica can
+/// tell this primary's history from another's.
+pub fn volume_id(state_dir: &Path) -> Result<u64, String> {
+    let p = state_dir.join("volume-id");
+    if let Ok(s) = std::fs::read_to_string(&p) {
+        return u64::from_str_radix(s.trim(), 16)
+            .map_err(|e| format!("{} is corrupt: {e}", p.display()));
+    }
+    let mut b = [0u8; 8];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| e.to_string())?;
+    let id = u64::from_le_bytes(b) | 1;
+    let tmp = p.with_extension("tmp");
+    std::fs::write(&tmp, format!("{id:016x}\n"))
+        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, &p))
+        .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    Ok(id)
+}
+
+impl Shipper {
+    pub fn start(
+        journal: Arc<Journal>,
+        state_dir: &Path,
+        options: ShipperOptions,
+    ) -> Result<Shipper, String> {
+        let id = Identity::load_or_generate(state_dir)?;
+        let vid = volume_id(state_dir)?;
+        let shared = Arc::new(Shared {
+            journal,
+            peers: options
+                .peers
+                .iter()
+                .map(|p| {
+                    (
+                        p.clone(),
+                        Mutex::new(PeerState {
+                            state: "connecting",
+                            ..Default::default()
+                        }),
+                    )
+                })
+                .collect(),
+            seen: Mutex::new(VecDeque::new()),
+            stop: AtomicBool::new(false),
+        });
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("replicafs-ship")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the sender runtime: {e}"))?;
+        let sh = shared.clone();
+        let npeers = options.peers.len();
+        let thread = std::thread::Builder::new()
+            .name("shipper".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let mut tasks = Vec::new();
+                    for i in 0..sh.peers.len() {
+                        tasks.push(tokio::spawn(peer_loop(
+                            sh.clone(),
+                            i,
+                            id.clone(),
+                            vid,
+                            options.clone(),
+                        )));
+                    }
+                    trim_loop(sh.clone()).await;
+                    for t in tasks {
+                        t.abort();
+                    }
+                });
+                rt.shutdown_timeout(Duration::from_secs(1));
+            })
+            .map_err(|e| e.to_string())?;
+        info!(
+            peers = npeers,
+            volume_id = format!("{vid:#018x}"),
+            "replication sender started"
+        );
+        Ok(Shipper {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn status(&self) -> Status {
+        status(&self.shared)
+    }
+
+    /// A cheap handle for the status socket.
+    pub fn status_fn(&self) -> impl Fn() -> Status + Send + 'static {
+        let sh = self.shared.clone();
+        move || status(&sh)
+    }
+
+    pub fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Shipper {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn status(sh: &Shared) -> Status {
+    let last = sh.journal.last_seq();
+    let now = Instant::now();
+    let peers = sh
+        .peers
+        .iter()
+        .map(|(p, st)| {
+            let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+            let applied = s.applied.unwrap_or(0);
+            let throughput = match s.rate {
+                Some((t, _, r)) if now.duration_since(t) < Duration::from_millis(500) => r,
+                Some((t, b, _)) => {
+                    let r = (s.applied_payload - b) as f64 / now.duration_since(t).as_secs_f64();
+                    s.rate = Some((now, s.applied_payload, r));
+                    r
+                }
+                None => {
+                    s.rate = Some((now, s.applied_payload, 0.0));
+                    0.0
+                }
+            };
+            let state = if s.error.is_some() && !s.connected {
+                "error"
+            } else if s.error.is_some() {
+                "error"
+            } else if !s.connected {
+                s.state
+            } else if applied < last {
+                "catching up"
+            } else {
+                "replicating"
+            };
+            PeerStatus {
+                address: p.address.clone(),
+                fingerprint: p.fingerprint.to_string(),
+                connected: s.connected,
+                state: state.to_string(),
+                error: s.error.clone(),
+                last_sent: s.sent,
+                received: s.received,
+                applied,
+                lag_records: last.saturating_sub(applied),
+                lag_bytes: s.unapplied.iter().map(|(_, b)| b).sum(),
+                lag_seconds: if applied >= last {
+                    0.0
+                } else {
+                    sh.lag_seconds(applied)
+                },
+                throughput_bytes_per_sec: throughput,
+                wire_bytes: s.wire_bytes,
+                payload_bytes: s.payload_bytes,
+            }
+        })
+        .collect();
+    Status {
+        role: "primary".into(),
+        last_seq: last,
+        peers,
+    }
+}
+
+async fn trim_loop(sh: Arc<Shared>) {
+    let mut trimmed = 0u64;
+    while !sh.stop.load(Ordering::Acquire) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sh.note_seen(sh.journal.last_seq());
+        let min = sh
+            .peers
+            .iter()
+            .map(|(_, s)| s.lock().unwrap_or_else(|e| e.into_inner()).applied)
+            .try_fold(u64::MAX, |m, a| a.map(|a| m.min(a)));
+        if let Some(min) = min
+            && min != u64::MAX
+            && min > trimmed
+        {
+            sh.journal.trim_through(min);
+            trimmed = min;
+        }
+        // Forget "seen" marks every peer has applied.
+        if let Some(min) = min {
+            let mut s = sh.seen.lock().unwrap_or_else(|e| e.into_inner());
+            while s.front().is_some_and(|&(l, _)| l <= min) {
+                s.pop_front();
+            }
+        }
+    }
+}
+
+async fn peer_loop(sh: Arc<Shared>, i: usize, id: Identity, vid: u64, opts: ShipperOptions) {
+    let peer = sh.peers[i].0.clone();
+    let mut backoff = Duration::from_millis(200);
+    while !sh.stop.load(Ordering::Acquire) {
+        let started = Instant::now();
+        let r = connection(&sh, i, &id, vid, &opts).await;
+        {
+            let mut s = sh.peer(i);
+            s.connected = false;
+            s.state = "connecting";
+            s.unapplied.clear();
+            if let Err(e) = &r {
+                s.error = Some(e.clone());
+            }
+        }
+        if let Err(e) = r {
+            warn!(peer = %peer.address, error = %e, "replication connection ended");
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            backoff = Duration::from_millis(200);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(3));
+    }
+}
+
+/// Token bucket for the bandwidth limit.
+struct Throttle {
+    rate: u64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Throttle {
+    async fn take(&mut self, n: usize) {
+        if self.rate == 0 {
+            return;
+        }
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate as f64)
+            .min(self.rate as f64);
+        self.at = now;
+        self.tokens -= n as f64;
+        if self.tokens < 0.0 {
+            let wait = -self.tokens / self.rate as f64;
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        }
+    }
+}
+
+enum Read {
+    Records(Vec<Record>, u64),
+    /// Records from this seq are no longer in the journal.
+    Gap(u64, Option<u64>),
+}
+
+fn read_batch(
+    j: &Journal,
+    from: u64,
+    max_records: usize,
+    max_bytes: usize,
+) -> Result<Read, String> {
+    let last = j.last_seq();
+    let target = last.min(from + max_records as u64 - 1);
+    j.wait_written(target);
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut through = from - 1;
+    for r in j.records(from, target) {
+        let r = r.map_err(|e| format!("cannot read the journal: {e}"))?;
+        if r.seq != through + 1 {
+            if out.is_empty() {
+                return Ok(Read::Gap(from, Some(r.seq)));
+            }
+            break;
+        }
+        through = r.seq;
+        bytes += r.data.len() + 64;
+        out.push(r);
+        if bytes >= max_bytes {
+            break;
+        }
+    }
+    if out.is_empty() && target >= from {
+        return Ok(Read::Gap(from, None));
+    }
+    Ok(Read::Records(out, through))
+}
+
+async fn connection(
+    sh: &Arc<Shared>,
+    i: usize,
+    id: &Identity,
+    vid: u64,
+    opts: &ShipperOptions,
+) -> Result<(), String> {
+    let peer = &sh.peers[i].0;
+    let addr: SocketAddr = tokio::net::lookup_host(&peer.address)
+        .await
+        .map_err(|e| format!("cannot resolve {}: {e}", peer.address))?
+        .next()
+        .ok_or_else(|| format!("{} resolves to nothing", peer.address))?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("cannot bind: {e}"))?;
+    let cfg = tls::client_config(id, peer.fingerprint)?;
+    let conn = endpoint
+        .connect_with(cfg, addr, tls::SERVER_NAME)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| format!("cannot open a stream: {e}"))?;
+    let r = stream(sh, i, &conn, &mut send, recv, vid, opts).await;
+    if let Err(e) = &r {
+        close_with(&conn, Some(&mut send), e).await;
+    } else {
+        conn.close(quinn::VarInt::from_u32(0), b"bye");
+    }
+    endpoint.wait_idle().await;
+    r
+}
+
+async fn stream(
+    sh: &Arc<Shared>,
+    i: usize,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    vid: u64,
+    opts: &ShipperOptions,
+) -> Result<(), String> {
+    let journal = sh.journal.clone();
+    let mut sender = Sender::new(vid, opts.sender.clone());
+    write_message(send, &sender.hello(journal.last_seq())).await?;
+
+    // Incoming messages are read by their own task, so acks flow while we write.
+    let (tx, mut rx) = mpsc::channel::<Result<Message, String>>(64);
+    let reader = tokio::spawn(async move {
+        let mut dec = Decoder::new();
+        loop {
+            let m = read_message(&mut recv, &mut dec).await;
+            let end = !matches!(m, Ok(Some(_)));
+            let item = match m {
+                Ok(Some((m, _))) => Ok(m),
+                Ok(None) => Err("replica closed the stream".to_string()),
+                Err(e) => Err(e),
+            };
+            if tx.send(item).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    let _abort = AbortOnDrop(reader);
+
+    let welcome = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .map_err(|_| "no welcome within 10 s".to_string())?
+        .ok_or("replica went away")??;
+    let SenderEvent::Resume { from } = sender.handle(welcome).map_err(|e| e.to_string())? else {
+        return Err("handshake did not resume".into());
+    };
+    {
+        let mut s = sh.peer(i);
+        s.connected = true;
+        s.error = None;
+        s.state = "replicating";
+        s.sent = from - 1;
+        s.received = sender.received();
+        s.applied = Some(sender.applied());
+    }
+    info!(peer = %sh.peers[i].0.address, from, applied = sender.applied(), remote = %conn.remote_address(), "replicating");
+
+    let mut throttle = Throttle {
+        rate: opts.bandwidth_limit,
+        tokens: 0.0,
+        at: Instant::now(),
+    };
+    let mut idle = tokio::time::interval(Duration::from_millis(2));
+    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if sh.stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // Take every message that is waiting.
+        while let Ok(m) = rx.try_recv() {
+            on_message(sh, i, &mut sender, m?)?;
+        }
+        let want = sender.wants();
+        let ready = want.is_some_and(|from| journal.last_seq() >= from);
+        if !ready {
+            tokio::select! {
+                m = rx.recv() => {
+                    let m = m.ok_or("replica went away")?;
+                    on_message(sh, i, &mut sender, m?)?;
+                }
+                _ = idle.tick() => {}
+            }
+            continue;
+        }
+        let from = want.unwrap_or(1);
+        let j = journal.clone();
+        let (max_r, max_b) = (opts.sender.batch_records, opts.sender.batch_bytes);
+        let read = tokio::task::spawn_blocking(move || read_batch(&j, from, max_r, max_b))
+            .await
+            .map_err(|e| e.to_string())??;
+        let (records, through) = match read {
+            Read::Records(r, t) => (r, t),
+            Read::Gap(from, next) => {
+                let stats = journal.stats();
+                return Err(format!(
+                    "the journal no longer holds records from seq {from} (next available: {}; dropped through {}, trimmed through {}): this peer needs a resync",
+                    next.map(|n| n.to_string()).unwrap_or_else(|| "none".into()),
+                    stats.dropped_through,
+                    stats.trimmed_through
+                ));
+            }
+        };
+        let payload: u64 = records.iter().map(|r| r.data.len() as u64).sum();
+        let msg = sender.batch(records, through, journal.last_seq());
+        let level = opts.compression_level;
+        let enc = tokio::task::spawn_blocking(move || frame::encode(&msg, level))
+            .await
+            .map_err(|e| e.to_string())?;
+        throttle.take(enc.bytes.len()).await;
+        // Keep acks flowing while a large write waits for the window.
+        write_bytes(send, &enc.bytes).await?;
+        sender.sent(through, enc.bytes.len() as u64);
+        let mut s = sh.peer(i);
+        s.sent = through;
+        s.wire_bytes += enc.bytes.len() as u64;
+        s.payload_bytes += payload;
+        s.unapplied.push_back((through, payload));
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn on_message(sh: &Shared, i: usize, sender: &mut Sender, m: Message) -> Result<(), String> {
+    sender.handle(m).map_err(|e| e.to_string())?;
+    let mut s = sh.peer(i);
+    s.received = sender.received();
+    let applied = sender.applied();
+    s.applied = Some(applied);
+    while s.unapplied.front().is_some_and(|&(l, _)| l <= applied) {
+        if let Some((_, b)) = s.unapplied.pop_front() {
+            s.applied_payload += b;
+        }
+    }
+    s.error = sender.remote_error().map(|e| format!("replica: {e}"));
+    Ok(())
+}
