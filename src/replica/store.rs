@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -383,6 +383,7 @@ impl StateFile {
 mod tests {
     use super::*;
     use crate::journal::record::Op;
+    use std::io::Write;
 
     fn w(seq: u64) -> Record {
         Record {

@@ -191,7 +191,11 @@ async fn session(
     loop {
         tokio::select! {
             m = read_message(&mut recv, &mut dec) => {
-                let Some((m, wire)) = m? else { return Ok(()) };
+                let m = m.map_err(|e| match conn.close_reason() {
+                    Some(r) => format!("connection closed: {r}"),
+                    None => e,
+                })?;
+                let Some((m, wire)) = m else { return Ok(()) };
                 server.info().wire_bytes += wire as u64;
                 match rx.handle(m).map_err(|e| e.to_string())? {
                     ReceiverEvent::Welcome { volume_id, adopt, reply } => {

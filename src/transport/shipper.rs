@@ -465,6 +465,7 @@ async fn stream(
 
     // Incoming messages are read by their own task, so acks flow while we write.
     let (tx, mut rx) = mpsc::channel::<Result<Message, String>>(64);
+    let conn2 = conn.clone();
     let reader = tokio::spawn(async move {
         let mut dec = Decoder::new();
         loop {
@@ -473,7 +474,10 @@ async fn stream(
             let item = match m {
                 Ok(Some((m, _))) => Ok(m),
                 Ok(None) => Err("replica closed the stream".to_string()),
-                Err(e) => Err(e),
+                Err(e) => Err(match conn2.close_reason() {
+                    Some(r) => format!("connection closed: {r}"),
+                    None => e,
+                }),
             };
             if tx.send(item).await.is_err() || end {
                 break;
