@@ -11,6 +11,7 @@ use replicafs::journal::apply::Applier;
 use replicafs::journal::{Journal, Op};
 use replicafs::mount::{self, MountOptions, STATE_DIR_NAME};
 use replicafs::protocol::SenderConfig;
+use replicafs::transport::catchup::{CatchUp, WholeRegions};
 use replicafs::transport::shipper::{Peer, Shipper, ShipperOptions};
 use replicafs::transport::status::{self, Status, StatusServer};
 use replicafs::transport::tls::{Fingerprint, Identity};
@@ -263,6 +264,11 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
                         window_bytes: r.window_bytes,
                     },
                 },
+                Some(CatchUp {
+                    volume: mounted.volume.clone(),
+                    backing: mounted.checked.backing.clone(),
+                    source: Box::new(WholeRegions),
+                }),
             )?)
         }
         _ => None,

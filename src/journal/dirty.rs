@@ -167,6 +167,36 @@ impl DirtyList {
         Ok(())
     }
 
+    /// Forgets the entries of `region.path` that lie wholly inside `region`
+    /// (a catch-up sent them); entries added meanwhile outside it stay.
+    pub fn remove_covered(&self, region: &DirtyRegion) -> sled::Result<()> {
+        let mut prefix = region.path.clone();
+        prefix.push(0);
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            if k.len() != prefix.len() + 8 {
+                continue;
+            }
+            let offset = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+            let len = v
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or(WHOLE_FILE);
+            let covered = region.is_whole()
+                || (len != WHOLE_FILE
+                    && offset >= region.offset
+                    && offset.saturating_add(len) <= region.end());
+            if covered {
+                // Only if unchanged meanwhile (a widened entry stays dirty).
+                let _ = self
+                    .tree
+                    .compare_and_swap(&k, Some(v), None as Option<&[u8]>)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets every region (after a resync repaired them).
     pub fn clear(&self) -> sled::Result<()> {
         self.tree.clear()

@@ -2,6 +2,7 @@
 //! and pinned mutual TLS, the primary's sender, the replica's server, and the
 //! status socket.
 
+pub mod catchup;
 pub mod io;
 pub mod server;
 pub mod shipper;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::catchup::CatchUp;
 use super::io::{close_with, read_message, write_bytes, write_message};
 use super::status::{PeerStatus, Status};
 use super::tls::{self, Fingerprint, Identity};
@@ -88,6 +89,7 @@ struct Shared {
     /// (seq, first seen): when the shipper first saw the journal reach seq.
     seen: Mutex<VecDeque<(u64, Instant)>>,
     stop: AtomicBool,
+    catch_up: Option<Arc<CatchUp>>,
 }
 
 impl Shared {
@@ -148,6 +150,7 @@ impl Shipper {
         journal: Arc<Journal>,
         state_dir: &Path,
         options: ShipperOptions,
+        catch_up: Option<CatchUp>,
     ) -> Result<Shipper, String> {
         let id = Identity::load_or_generate(state_dir)?;
         let vid = volume_id(state_dir)?;
@@ -168,6 +171,7 @@ impl Shipper {
                 .collect(),
             seen: Mutex::new(VecDeque::new()),
             stop: AtomicBool::new(false),
+            catch_up: catch_up.map(Arc::new),
         });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -191,7 +195,7 @@ impl Shipper {
                             options.clone(),
                         )));
                     }
-                    trim_loop(sh.clone()).await;
+                    housekeeping(sh.clone()).await;
                     for t in tasks {
                         t.abort();
                     }
@@ -295,10 +299,24 @@ fn status(sh: &Shared) -> Status {
     }
 }
 
-async fn trim_loop(sh: Arc<Shared>) {
+/// Trims the journal, keeps the lag marks, runs catch-up passes.
+async fn housekeeping(sh: Arc<Shared>) {
     let mut trimmed = 0u64;
+    let mut last_pass = Instant::now();
     while !sh.stop.load(Ordering::Acquire) {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(cu) = &sh.catch_up
+            && last_pass.elapsed() > Duration::from_millis(500)
+            && !sh.journal.dirty().is_empty()
+        {
+            last_pass = Instant::now();
+            let cu = cu.clone();
+            match tokio::task::spawn_blocking(move || cu.pass()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!(error = %e, "catch-up pass failed"),
+                Err(e) => warn!(error = %e, "catch-up pass panicked"),
+            }
+        }
         sh.note_seen(sh.journal.last_seq());
         let min = sh
             .peers
@@ -374,8 +392,8 @@ impl Throttle {
 
 enum Read {
     Records(Vec<Record>, u64),
-    /// Records from this seq are no longer in the journal.
-    Gap(u64, Option<u64>),
+    /// Records `.0..=.1` are not in the journal.
+    Gap(u64, u64),
 }
 
 fn read_batch(
@@ -394,7 +412,7 @@ fn read_batch(
         let r = r.map_err(|e| format!("cannot read the journal: {e}"))?;
         if r.seq != through + 1 {
             if out.is_empty() {
-                return Ok(Read::Gap(from, Some(r.seq)));
+                return Ok(Read::Gap(from, r.seq - 1));
             }
             break;
         }
@@ -406,7 +424,7 @@ fn read_batch(
         }
     }
     if out.is_empty() && target >= from {
-        return Ok(Read::Gap(from, None));
+        return Ok(Read::Gap(from, target));
     }
     Ok(Read::Records(out, through))
 }
@@ -539,14 +557,34 @@ async fn stream(
             .map_err(|e| e.to_string())??;
         let (records, through) = match read {
             Read::Records(r, t) => (r, t),
-            Read::Gap(from, next) => {
+            Read::Gap(from, to) => {
                 let stats = journal.stats();
-                return Err(format!(
-                    "the journal no longer holds records from seq {from} (next available: {}; dropped through {}, trimmed through {}): this peer needs a resync",
-                    next.map(|n| n.to_string()).unwrap_or_else(|| "none".into()),
-                    stats.dropped_through,
-                    stats.trimmed_through
-                ));
+                if to > stats.dropped_through && to <= stats.trimmed_through {
+                    return Err(format!(
+                        "the journal no longer holds records {from}..={to} (trimmed): this peer needs a full resync"
+                    ));
+                }
+                if sh.catch_up.is_none() {
+                    return Err(format!(
+                        "the journal no longer holds records {from}..={to} and there is no catch-up source"
+                    ));
+                }
+                // Dropped (cap) or lost records: their regions are dirty and a
+                // catch-up pass journals them again after the gap. Skip the gap
+                // once no dirty region is left waiting.
+                if !journal.dirty().is_empty() {
+                    sh.peer(i).state = "catching up";
+                    tokio::select! {
+                        m = rx.recv() => {
+                            let m = m.ok_or("replica went away")?;
+                            on_message(sh, i, &mut sender, m?)?;
+                        }
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                    continue;
+                }
+                info!(peer = %sh.peers[i].0.address, from, to, "skipping records the journal dropped; catch-up records follow");
+                (Vec::new(), to)
             }
         };
         let payload: u64 = records.iter().map(|r| r.data.len() as u64).sum();

@@ -1,0 +1,194 @@
+//! Catch-up for what the journal cannot replay.
+//!
+//! Regions in the journal's dirty list (records dropped by the cap, records
+//! lost when the primary died, failed journal writes) are re-read from the
+//! backing dir and journaled again as ordinary `Truncate`/`Write` records, so
+//! they travel in order with the stream to every peer, compressed like any
+//! batch. Each chunk is read and appended under the volume's exclusive
+//! namespace lock: no mutation is between its backing write and its append
+//! meanwhile, so a chunk never carries bytes older than a record before it.
+//!
+//! A peer whose next record was dropped skips the gap (an empty batch) once a
+//! catch-up pass that started after the drop has journaled the dirty regions.
+//!
+//! Seam: [`RegionSource`] decides what bytes of a region to send. Today it is
+//! the whole region; a block-hash delta (hash 64 KiB blocks on both sides, send
+//! the differing ones) plugs in here.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::journal::dirty::DirtyRegion;
+use crate::journal::record::Op;
+use crate::volume::Volume;
+
+/// Largest chunk journaled per lock hold.
+pub const CHUNK: u64 = 1 << 20;
+
+/// Which byte ranges of a dirty region must be sent.
+pub trait RegionSource: Send + Sync {
+    fn ranges(&self, region: &DirtyRegion, file_len: u64) -> Vec<(u64, u64)>;
+}
+
+/// Sends the whole region.
+pub struct WholeRegions;
+
+impl RegionSource for WholeRegions {
+    fn ranges(&self, r: &DirtyRegion, file_len: u64) -> Vec<(u64, u64)> {
+        let end = if r.is_whole() {
+            file_len
+        } else {
+            r.end().min(file_len)
+        };
+        let start = if r.is_whole() { 0 } else { r.offset };
+        if start >= end {
+            vec![]
+        } else {
+            vec![(start, end)]
+        }
+    }
+}
+
+pub struct CatchUp {
+    pub volume: Arc<Volume>,
+    pub backing: PathBuf,
+    pub source: Box<dyn RegionSource>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct PassReport {
+    /// The journal's dropped_through when the pass began: every dropped
+    /// record up to it is covered by records journaled by this pass.
+    pub covers_dropped_through: u64,
+    pub regions: usize,
+    pub bytes: u64,
+    pub skipped: usize,
+}
+
+fn rel_path(backing: &Path, rel: &[u8]) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    if rel.is_empty()
+        || rel[0] == b'/'
+        || rel
+            .split(|&c| c == b'/')
+            .any(|c| c.is_empty() || c == b"." || c == b"..")
+    {
+        return None;
+    }
+    Some(backing.join(std::ffi::OsStr::from_bytes(rel)))
+}
+
+impl CatchUp {
+    /// Journals the dirty regions again. Blocking; run it off the async threads.
+    pub fn pass(&self) -> io::Result<PassReport> {
+        let Some(rec) = self.volume.recorder() else {
+            return Ok(PassReport::default());
+        };
+        let journal = rec.journal();
+        let mut report = PassReport {
+            covers_dropped_through: journal.stats().dropped_through,
+            ..Default::default()
+        };
+        let regions = journal.dirty().regions().map_err(io::Error::other)?;
+        for region in regions {
+            let excluded = rec.exclusions().is_excluded(&region.path);
+            let path = rel_path(&self.backing, &region.path);
+            let meta = path.as_ref().map(std::fs::symlink_metadata);
+            match (excluded, path, meta) {
+                (false, Some(path), Some(Ok(m))) if m.is_file() => {
+                    report.bytes += self.send_file(&path, &region)?;
+                    report.regions += 1;
+                }
+                (excluded, _, _) => {
+                    // Gone, not a regular file, or excluded: nothing the stream
+                    // can express idempotently (a full tree resync would).
+                    if !excluded {
+                        warn!(
+                            path = %String::from_utf8_lossy(&region.path),
+                            "dirty path is not a regular file on the primary; not caught up"
+                        );
+                    }
+                    report.skipped += 1;
+                }
+            }
+            journal
+                .dirty()
+                .remove_covered(&region)
+                .map_err(io::Error::other)?;
+        }
+        if report.regions + report.skipped > 0 {
+            info!(
+                regions = report.regions,
+                bytes = report.bytes,
+                skipped = report.skipped,
+                "catch-up pass journaled dirty regions"
+            );
+        }
+        Ok(report)
+    }
+
+    fn send_file(&self, path: &Path, region: &DirtyRegion) -> io::Result<u64> {
+        let Some(rec) = self.volume.recorder() else {
+            return Ok(0);
+        };
+        let journal = rec.journal();
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut sent = 0u64;
+        if region.is_whole() {
+            let _ns = rec.namespace_lock();
+            let len = file.metadata()?.len();
+            journal.append(
+                &Op::Truncate {
+                    path: region.path.clone(),
+                    size: len,
+                },
+                &[],
+            );
+        }
+        let len = file.metadata()?.len();
+        for (start, end) in self.source.ranges(region, len) {
+            let mut at = start;
+            while at < end {
+                let n = (end - at).min(CHUNK);
+                let _ns = rec.namespace_lock();
+                let mut buf = vec![0u8; n as usize];
+                let got = read_at_most(&file, &mut buf, at)?;
+                if got == 0 {
+                    break;
+                }
+                buf.truncate(got);
+                journal.append(
+                    &Op::Write {
+                        path: region.path.clone(),
+                        offset: at,
+                    },
+                    &buf,
+                );
+                sent += got as u64;
+                at += got as u64;
+            }
+        }
+        Ok(sent)
+    }
+}
+
+fn read_at_most(f: &std::fs::File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
