@@ -80,14 +80,14 @@ pub fn encode(msg: &Message, zstd_level: i32) -> Encoded {
     let mut flags = 0u16;
     let mut body = raw.as_slice();
     let compressed;
-    if zstd_level > 0 && raw.len() >= 256 {
-        if let Ok(c) = zstd::bulk::compress(&raw, zstd_level)
-            && c.len() < raw.len() - raw.len() / 16
-        {
-            compressed = c;
-            body = &compressed;
-            flags |= FLAG_ZSTD;
-        }
+    if zstd_level > 0
+        && raw.len() >= 256
+        && let Ok(c) = zstd::bulk::compress(&raw, zstd_level)
+        && c.len() < raw.len() - raw.len() / 16
+    {
+        compressed = c;
+        body = &compressed;
+        flags |= FLAG_ZSTD;
     }
     let h0 = header(kind, flags, body.len() as u32, raw.len() as u32, 0);
     let c = crc(&h0, body);

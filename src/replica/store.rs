@@ -203,10 +203,7 @@ impl ReceiveLog {
     pub fn trim(&mut self, applied: u64) -> io::Result<()> {
         let active = self.active.as_ref().map(|a| a.0);
         let mut removed = false;
-        loop {
-            let Some(seg) = self.entries.front().map(|e| e.segment) else {
-                break;
-            };
+        while let Some(seg) = self.entries.front().map(|e| e.segment) {
             if Some(seg) == active {
                 break;
             }

@@ -25,6 +25,9 @@ use crate::journal::record::Record;
 use crate::protocol::frame;
 use crate::protocol::{Decoder, Message, Sender, SenderConfig, SenderEvent};
 
+/// How long records may stay unacknowledged before the connection is given up.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     /// host:port
@@ -259,9 +262,7 @@ fn status(sh: &Shared) -> Status {
                     0.0
                 }
             };
-            let state = if s.error.is_some() && !s.connected {
-                "error"
-            } else if s.error.is_some() {
+            let state = if s.error.is_some() {
                 "error"
             } else if !s.connected {
                 s.state
@@ -527,6 +528,8 @@ async fn stream(
         tokens: 0.0,
         at: Instant::now(),
     };
+    let mut last_progress = Instant::now();
+    let mut last_received = sender.received();
     let mut idle = tokio::time::interval(Duration::from_millis(2));
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -536,6 +539,17 @@ async fn stream(
         // Take every message that is waiting.
         while let Ok(m) = rx.try_recv() {
             on_message(sh, i, &mut sender, m?)?;
+        }
+        if sender.received() != last_received || sender.sent_through() == sender.received() {
+            last_received = sender.received();
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() > ACK_TIMEOUT {
+            return Err(format!(
+                "peer acknowledged nothing for {} s with records {}..={} outstanding",
+                ACK_TIMEOUT.as_secs(),
+                sender.received() + 1,
+                sender.sent_through()
+            ));
         }
         let want = sender.wants();
         let ready = want.is_some_and(|from| journal.last_seq() >= from);
