@@ -206,6 +206,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(n: usize, extra_mount_args: &[&str]) -> Cluster {
+        Cluster::new_via(n, extra_mount_args, &[])
+    }
+
+    /// Like `new`, but the primary reaches replica i at port `via[i]` (a relay).
+    pub fn new_via(n: usize, extra_mount_args: &[&str], via: &[u16]) -> Cluster {
         let base = tempfile::Builder::new()
             .prefix("replicafs-test")
             .tempdir_in("/tmp")
@@ -263,9 +268,10 @@ impl Cluster {
             "--state-dir".into(),
             pstate.display().to_string(),
         ];
-        for r in &replicas {
+        for (i, r) in replicas.iter().enumerate() {
             args.push("--peer".into());
-            args.push(format!("127.0.0.1:{}={}", r.port, r.fp));
+            let port = via.get(i).copied().unwrap_or(r.port);
+            args.push(format!("127.0.0.1:{port}={}", r.fp));
         }
         args.extend(extra_mount_args.iter().map(|s| s.to_string()));
         let daemon = Daemon::new("primary", args, b.join("p.log"), pstate, Some(mnt.clone()));
