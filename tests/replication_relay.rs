@@ -80,7 +80,11 @@ impl Relay {
                         continue;
                     }
                     let delay = Duration::from_millis(rng.below(max_delay_ms + 1));
-                    let dest = if to_back { None } else { *client.lock().unwrap() };
+                    let dest = if to_back {
+                        None
+                    } else {
+                        *client.lock().unwrap()
+                    };
                     let (m, cv) = &*q;
                     m.lock().unwrap().push(Due {
                         at: Instant::now() + delay,
@@ -164,5 +168,9 @@ fn replication_converges_through_delay_loss_reordering_and_a_partition() {
     assert_same_tree(&c.primary.backing, &c.replicas[0].mirror, &|_| false);
     assert!(relay.dropped.load(Ordering::Relaxed) > 0);
     // The partition outlived the connection: it was re-established and resumed.
-    assert!(c.primary.daemon.log_text().matches("replicating").count() >= 2, "{}", c.logs());
+    assert!(
+        c.primary.daemon.log_text().matches("replicating").count() >= 2,
+        "{}",
+        c.logs()
+    );
 }

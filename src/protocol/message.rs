@@ -31,6 +31,7 @@ pub enum Message {
         last: u64,
         /// The primary's newest seq when the batch was made.
         primary_last: u64,
+        #[serde(with = "bytes")]
         frames: Vec<u8>,
     },
     /// Progress, from the replica.
@@ -89,4 +90,41 @@ pub fn decode_records(mut buf: &[u8]) -> Result<Vec<Record>, record::FrameError>
         buf = &buf[len..];
     }
     Ok(out)
+}
+
+/// `Vec<u8>` as one byte string (postcard: length + raw bytes), not a
+/// sequence of separately encoded elements.
+mod bytes {
+    use serde::de::{Error, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    struct V;
+
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_borrowed_bytes<E: Error>(self, v: &'de [u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(V)
+    }
 }
