@@ -283,6 +283,8 @@ pub enum ReceiverEvent {
         first: u64,
         last: u64,
         records: Vec<Record>,
+        /// The batch's journal frames as received (checked), for the log.
+        frames: Vec<u8>,
         primary_last: u64,
     },
 }
@@ -373,6 +375,7 @@ impl Receiver {
                     first,
                     last,
                     records,
+                    frames,
                     primary_last,
                 })
             }

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
-use crate::journal::record::Record;
 use apply::MirrorApplier;
 use store::{ApplyState, ReceiveLog, StateFile};
 
@@ -162,7 +161,7 @@ impl Replica {
     }
 
     /// Stores a batch durably (blocking). Batches arrive in order.
-    pub fn store(&self, first: u64, last: u64, records: &[Record]) -> Result<(), String> {
+    pub fn store(&self, first: u64, last: u64, frames: &[u8]) -> Result<(), String> {
         let received = self.received();
         if first != received + 1 {
             return Err(format!(
@@ -170,7 +169,7 @@ impl Replica {
             ));
         }
         let mut log = self.inner.log.lock().unwrap_or_else(|e| e.into_inner());
-        log.append(first, last, records)
+        log.append(first, last, frames)
             .map_err(|e| format!("cannot store batch {first}..={last} in the receive log: {e}"))?;
         drop(log);
         self.inner.received.store(last, Ordering::Release);
@@ -337,11 +336,12 @@ fn apply_loop(inner: Arc<Inner>, applier: MirrorApplier) {
         inner.payload_applied.fetch_add(payload, Ordering::Relaxed);
         inner.applied.store(last, Ordering::Release);
         set_error(&inner, None);
-        let more = inner.received.load(Ordering::Acquire) > last;
-        if !more || last_persist.elapsed() > Duration::from_millis(200) {
+        // "Applied" may be acknowledged before it is persisted: the receive
+        // log keeps every record above the persisted applied seq.
+        publish(&inner);
+        if last_persist.elapsed() > Duration::from_millis(200) {
             persist(&inner, last, &mut persisted, &mut last_persist);
         }
-        publish(&inner);
     }
     let applied = inner.applied.load(Ordering::Acquire);
     if persisted < applied {

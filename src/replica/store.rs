@@ -22,7 +22,7 @@ use tracing::warn;
 
 use crate::journal::record::Record;
 use crate::protocol::frame::{self, HEADER_LEN};
-use crate::protocol::message::{Message, decode_records, encode_records};
+use crate::protocol::message::{Message, decode_records};
 
 const SEGMENT_BYTES: u64 = 64 << 20;
 
@@ -139,12 +139,13 @@ impl ReceiveLog {
     }
 
     /// Appends one batch and makes it durable.
-    pub fn append(&mut self, first: u64, last: u64, records: &[Record]) -> io::Result<()> {
+    /// `frames`: the batch's journal frames, already checked by the receiver.
+    pub fn append(&mut self, first: u64, last: u64, frames: &[u8]) -> io::Result<()> {
         let msg = Message::Batch {
             first,
             last,
             primary_last: last,
-            frames: encode_records(records),
+            frames: frames.to_vec(),
         };
         let bytes = frame::encode(&msg, 0).bytes;
         let roll = match &self.active {
@@ -201,6 +202,19 @@ impl ReceiveLog {
     /// Deletes the segments whose batches all end at or below `applied`
     /// (never the active one).
     pub fn trim(&mut self, applied: u64) -> io::Result<()> {
+        // Everything applied: the active segment goes too (the next batch
+        // starts a new one), so a small disk is not held by applied data.
+        if self.entries.back().is_some_and(|e| e.last <= applied)
+            && self.active.as_ref().is_some_and(|a| a.2 > 0)
+        {
+            self.active = None;
+            for (_, p) in list(&self.dir)? {
+                std::fs::remove_file(p)?;
+            }
+            self.entries.clear();
+            sync_dir(&self.dir)?;
+            return Ok(());
+        }
         let active = self.active.as_ref().map(|a| a.0);
         let mut removed = false;
         while let Some(seg) = self.entries.front().map(|e| e.segment) {
@@ -380,6 +394,7 @@ impl StateFile {
 mod tests {
     use super::*;
     use crate::journal::record::Op;
+    use crate::protocol::message::encode_records;
     use std::io::Write;
 
     fn w(seq: u64) -> Record {
@@ -397,8 +412,8 @@ mod tests {
     fn log_survives_reopen_and_cuts_a_torn_tail() {
         let d = tempfile::tempdir().unwrap();
         let mut log = ReceiveLog::open(d.path()).unwrap();
-        log.append(1, 3, &[w(1), w(3)]).unwrap();
-        log.append(4, 4, &[w(4)]).unwrap();
+        log.append(1, 3, &encode_records(&[w(1), w(3)])).unwrap();
+        log.append(4, 4, &encode_records(&[w(4)])).unwrap();
         drop(log);
         // A torn third batch.
         let seg = list(d.path()).unwrap()[0].1.clone();

@@ -83,8 +83,10 @@ fn rel_path(backing: &Path, rel: &[u8]) -> Option<PathBuf> {
 }
 
 impl CatchUp {
-    /// Journals the dirty regions again. Blocking; run it off the async threads.
-    pub fn pass(&self) -> io::Result<PassReport> {
+    /// Journals the dirty regions again, about `budget` bytes at most (a
+    /// region cut short stays dirty for the next pass). Blocking; run it off
+    /// the async threads.
+    pub fn pass(&self, budget: u64) -> io::Result<PassReport> {
         let Some(rec) = self.volume.recorder() else {
             return Ok(PassReport::default());
         };
@@ -95,13 +97,30 @@ impl CatchUp {
         };
         let regions = journal.dirty().regions().map_err(io::Error::other)?;
         for region in regions {
+            if report.bytes >= budget {
+                break;
+            }
             let excluded = rec.exclusions().is_excluded(&region.path);
             let path = rel_path(&self.backing, &region.path);
             let meta = path.as_ref().map(std::fs::symlink_metadata);
             match (excluded, path, meta) {
                 (false, Some(path), Some(Ok(m))) if m.is_file() => {
-                    report.bytes += self.send_file(&path, &region)?;
+                    let (sent, rest) = self.send_file(
+                        &path,
+                        &region,
+                        budget.saturating_sub(report.bytes).max(CHUNK),
+                    )?;
+                    report.bytes += sent;
                     report.regions += 1;
+                    if let Some((offset, len)) = rest {
+                        // What is left of the region stays dirty, as a range.
+                        let dirty = journal.dirty();
+                        dirty.remove_covered(&region).map_err(io::Error::other)?;
+                        dirty
+                            .add_range(&region.path, offset, len)
+                            .map_err(io::Error::other)?;
+                        break;
+                    }
                 }
                 (excluded, _, _) => {
                     // Gone, not a regular file, or excluded: nothing the stream
@@ -131,14 +150,21 @@ impl CatchUp {
         Ok(report)
     }
 
-    fn send_file(&self, path: &Path, region: &DirtyRegion) -> io::Result<u64> {
+    /// Journals `region` of `path`; returns the bytes sent and, when the
+    /// budget ran out first, the (offset, len) still to send.
+    fn send_file(
+        &self,
+        path: &Path,
+        region: &DirtyRegion,
+        budget: u64,
+    ) -> io::Result<(u64, Option<(u64, u64)>)> {
         let Some(rec) = self.volume.recorder() else {
-            return Ok(0);
+            return Ok((0, None));
         };
         let journal = rec.journal();
         let file = match std::fs::File::open(path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, None)),
             Err(e) => return Err(e),
         };
         let mut sent = 0u64;
@@ -157,6 +183,9 @@ impl CatchUp {
         for (start, end) in self.source.ranges(region, len) {
             let mut at = start;
             while at < end {
+                if sent >= budget {
+                    return Ok((sent, Some((at, end - at))));
+                }
                 let n = (end - at).min(CHUNK);
                 let _ns = rec.namespace_lock();
                 let mut buf = vec![0u8; n as usize];
@@ -176,7 +205,7 @@ impl CatchUp {
                 at += got as u64;
             }
         }
-        Ok(sent)
+        Ok((sent, None))
     }
 }
 

@@ -205,10 +205,11 @@ async fn session(
                         }
                         write_message(send, &reply).await?;
                     }
-                    ReceiverEvent::Store { first, last, records, primary_last } => {
+                    ReceiverEvent::Store { first, last, records, frames, primary_last } => {
                         let payload: u64 = records.iter().map(|r| r.data.len() as u64).sum();
+                        drop(records);
                         let rep = replica.clone();
-                        tokio::task::spawn_blocking(move || rep.store(first, last, &records))
+                        tokio::task::spawn_blocking(move || rep.store(first, last, &frames))
                             .await
                             .map_err(|e| format!("store task failed: {e}"))??;
                         {

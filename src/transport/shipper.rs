@@ -266,7 +266,7 @@ fn status(sh: &Shared) -> Status {
                 "error"
             } else if !s.connected {
                 s.state
-            } else if applied < last {
+            } else if applied < last || !sh.journal.dirty().is_empty() {
                 "catching up"
             } else {
                 "replicating"
@@ -306,13 +306,18 @@ async fn housekeeping(sh: Arc<Shared>) {
     let mut last_pass = Instant::now();
     while !sh.stop.load(Ordering::Acquire) {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        // A pass journals a quarter of the cap at most, and only while the
+        // journal is less than half full: catch-up records must not push
+        // unread records (their own included) over the cap.
+        let cap = sh.journal.options().cap_bytes;
         if let Some(cu) = &sh.catch_up
             && last_pass.elapsed() > Duration::from_millis(500)
             && !sh.journal.dirty().is_empty()
+            && sh.journal.stats().segment_bytes < cap / 2
         {
             last_pass = Instant::now();
             let cu = cu.clone();
-            match tokio::task::spawn_blocking(move || cu.pass()).await {
+            match tokio::task::spawn_blocking(move || cu.pass(cap / 4)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => warn!(error = %e, "catch-up pass failed"),
                 Err(e) => warn!(error = %e, "catch-up pass panicked"),
@@ -512,6 +517,13 @@ async fn stream(
     let SenderEvent::Resume { from } = sender.handle(welcome).map_err(|e| e.to_string())? else {
         return Err("handshake did not resume".into());
     };
+    if sender.received() > journal.last_seq() {
+        return Err(format!(
+            "the replica has received through seq {} but this primary's journal ends at {}: the primary lost its journal tail; the replica needs a full resync",
+            sender.received(),
+            journal.last_seq()
+        ));
+    }
     {
         let mut s = sh.peer(i);
         s.connected = true;
@@ -583,20 +595,11 @@ async fn stream(
                         "the journal no longer holds records {from}..={to} and there is no catch-up source"
                     ));
                 }
-                // Dropped (cap) or lost records: their regions are dirty and a
-                // catch-up pass journals them again after the gap. Skip the gap
-                // once no dirty region is left waiting.
-                if !journal.dirty().is_empty() {
-                    sh.peer(i).state = "catching up";
-                    tokio::select! {
-                        m = rx.recv() => {
-                            let m = m.ok_or("replica went away")?;
-                            on_message(sh, i, &mut sender, m?)?;
-                        }
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
-                    continue;
-                }
+                // Dropped (cap) or lost records: their regions were marked
+                // dirty before they left the index, and catch-up passes journal
+                // those regions again, necessarily after the gap. So the gap can
+                // be skipped now; the mirror is consistent again once the dirty
+                // list is worked off.
                 info!(peer = %sh.peers[i].0.address, from, to, "skipping records the journal dropped; catch-up records follow");
                 (Vec::new(), to)
             }

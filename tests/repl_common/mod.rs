@@ -318,9 +318,11 @@ impl Cluster {
                 let last = s["last_seq"].as_u64().unwrap_or(0);
                 let peers = s["peers"].as_array().cloned().unwrap_or_default();
                 let done = peers.len() == self.replicas.len()
-                    && peers
-                        .iter()
-                        .all(|p| p["applied"].as_u64() == Some(last) && p["error"].is_null());
+                    && peers.iter().all(|p| {
+                        p["applied"].as_u64() == Some(last)
+                            && p["error"].is_null()
+                            && p["state"] == "replicating"
+                    });
                 if done && last == prev {
                     stable += 1;
                     if stable >= 3 {
