@@ -40,15 +40,12 @@ async fn send_raw(id: &Identity, replica_fp: Fingerprint, port: u16, bytes: Vec<
     let mut dec = frame::Decoder::new();
     let mut said = String::new();
     let mut buf = vec![0u8; 65536];
-    loop {
-        match tokio::time::timeout(Duration::from_secs(30), recv.read(&mut buf)).await {
-            Ok(Ok(Some(n))) => {
-                dec.push(&buf[..n]);
-                while let Ok(Some((m, _))) = dec.next_message() {
-                    said.push_str(&format!("{m:?}\n"));
-                }
-            }
-            _ => break,
+    while let Ok(Ok(Some(n))) =
+        tokio::time::timeout(Duration::from_secs(30), recv.read(&mut buf)).await
+    {
+        dec.push(&buf[..n]);
+        while let Ok(Some((m, _))) = dec.next_message() {
+            said.push_str(&format!("{m:?}\n"));
         }
     }
     if let Some(r) = conn.close_reason() {
