@@ -202,3 +202,33 @@ fn a_primary_with_a_wrong_certificate_is_refused() {
     assert!(p.log_text().contains(&other_fp));
     assert_eq!(std::fs::read_dir(&other_mirror).unwrap().count(), 0);
 }
+
+/// The replica is killed again and again while a namespace-heavy workload
+/// streams (creates, renames, unlinks, links, mkdir/rmdir): every restart
+/// resumes from its receive log without applying a namespace record twice
+/// (which would fail and stop the applier) and the mirror converges.
+#[test]
+fn replica_killed_repeatedly_during_namespace_churn() {
+    let mut c = Cluster::new(1, &[]);
+    c.start_all();
+    let mnt = c.primary.mnt.clone();
+    let writer = std::thread::spawn(move || {
+        for seed in 100..112 {
+            random_workload(&mnt, seed, 120);
+        }
+    });
+    let mut rng = Rng(5);
+    let mut kills = 0;
+    while !writer.is_finished() && kills < 8 {
+        std::thread::sleep(std::time::Duration::from_millis(200 + rng.below(600)));
+        c.replicas[0].daemon.kill9();
+        kills += 1;
+        c.replicas[0].daemon.start();
+    }
+    writer.join().unwrap();
+    c.wait_converged();
+    assert_same_tree(&c.primary.backing, &c.replicas[0].mirror, &|_| false);
+    assert!(kills > 0);
+    let log = c.replicas[0].daemon.log_text();
+    assert!(!log.contains("replica cannot apply"), "{log}");
+}
