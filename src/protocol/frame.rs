@@ -82,6 +82,7 @@ pub fn encode(msg: &Message, zstd_level: i32) -> Encoded {
     let compressed;
     if zstd_level > 0
         && raw.len() >= 256
+        && looks_compressible(&raw, zstd_level)
         && let Ok(c) = zstd::bulk::compress(&raw, zstd_level)
         && c.len() < raw.len() - raw.len() / 16
     {
@@ -97,6 +98,21 @@ pub fn encode(msg: &Message, zstd_level: i32) -> Encoded {
     Encoded {
         bytes,
         raw_len: raw.len(),
+    }
+}
+
+/// For large bodies, a 64 KiB sample from the middle decides whether
+/// compressing the whole is worth the CPU (it rarely is for encrypted or
+/// already-compressed guest data).
+fn looks_compressible(raw: &[u8], level: i32) -> bool {
+    const SAMPLE: usize = 64 << 10;
+    if raw.len() < 4 * SAMPLE {
+        return true;
+    }
+    let mid = raw.len() / 2 - SAMPLE / 2;
+    match zstd::bulk::compress(&raw[mid..mid + SAMPLE], level) {
+        Ok(c) => c.len() < SAMPLE - SAMPLE / 10,
+        Err(_) => false,
     }
 }
 

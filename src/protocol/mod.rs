@@ -358,6 +358,34 @@ mod tests {
     }
 
     #[test]
+    fn extreme_seqs_are_refused_not_overflowed() {
+        let mut r = Receiver::new(Some(1), u64::MAX - 1, 0);
+        r.handle(Message::Hello {
+            volume_id: 1,
+            last_seq: 0,
+        })
+        .unwrap();
+        assert!(
+            r.handle(Message::Batch {
+                first: u64::MAX,
+                last: u64::MAX,
+                primary_last: 0,
+                frames: vec![],
+            })
+            .is_err()
+        );
+        let mut s = Sender::new(1, SenderConfig::default());
+        assert!(
+            s.handle(Message::Welcome {
+                volume_id: 1,
+                received: u64::MAX,
+                applied: 0,
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
     fn window_limits_batches_in_flight() {
         let mut s = Sender::new(
             1,

@@ -148,7 +148,7 @@ impl Sender {
                         theirs: volume_id,
                     });
                 }
-                if applied > received {
+                if applied > received || received == u64::MAX {
                     return Err(ProtocolError::BadAck {
                         received,
                         applied,
@@ -351,7 +351,7 @@ impl Receiver {
                     frames,
                 },
             ) => {
-                if first != self.expected || last < first {
+                if first != self.expected || last < first || last == u64::MAX {
                     return Err(ProtocolError::OutOfOrder {
                         expected: self.expected,
                         first,

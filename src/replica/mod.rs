@@ -44,6 +44,7 @@ struct Inner {
 pub struct Replica {
     inner: Arc<Inner>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    persister: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn err_msg(e: impl std::fmt::Display) -> String {
@@ -108,9 +109,15 @@ impl Replica {
             .name("replica-apply".into())
             .spawn(move || apply_loop(i2, applier))
             .map_err(err_msg)?;
+        let i3 = inner.clone();
+        let persister = std::thread::Builder::new()
+            .name("replica-persist".into())
+            .spawn(move || persist_loop(i3))
+            .map_err(err_msg)?;
         Ok(Replica {
             inner,
             thread: Mutex::new(Some(thread)),
+            persister: Mutex::new(Some(persister)),
         })
     }
 
@@ -190,8 +197,11 @@ impl Replica {
             let _g = self.inner.wake.0.lock().unwrap_or_else(|e| e.into_inner());
             self.inner.wake.1.notify_all();
         }
-        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = t.join();
+        for slot in [&self.thread, &self.persister] {
+            // The applier first, so the persister's last pass sees its final seq.
+            if let Some(t) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -243,9 +253,25 @@ fn syncfs(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn apply_loop(inner: Arc<Inner>, applier: MirrorApplier) {
+/// Persists the applied seq every 200 ms (after a syncfs of the mirror), off
+/// the applier's path, and trims the receive log below it.
+fn persist_loop(inner: Arc<Inner>) {
     let mut persisted = inner.applied.load(Ordering::Acquire);
-    let mut last_persist = Instant::now();
+    let mut last = Instant::now();
+    loop {
+        let stopping = inner.stop.load(Ordering::Acquire);
+        let applied = inner.applied.load(Ordering::Acquire);
+        if applied > persisted {
+            persist(&inner, applied, &mut persisted, &mut last);
+        }
+        if stopping {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn apply_loop(inner: Arc<Inner>, applier: MirrorApplier) {
     let mut failures = 0u32;
     // A stale intent (not for the next record) means nothing: clear it.
     {
@@ -264,9 +290,6 @@ fn apply_loop(inner: Arc<Inner>, applier: MirrorApplier) {
         let applied = inner.applied.load(Ordering::Acquire);
         let received = inner.received.load(Ordering::Acquire);
         if applied >= received {
-            if persisted < applied {
-                persist(&inner, applied, &mut persisted, &mut last_persist);
-            }
             let g = inner.wake.0.lock().unwrap_or_else(|e| e.into_inner());
             if inner.received.load(Ordering::Acquire) <= applied
                 && !inner.stop.load(Ordering::Acquire)
@@ -322,7 +345,6 @@ fn apply_loop(inner: Arc<Inner>, applier: MirrorApplier) {
             if r.op.is_namespace() {
                 // Persisted by the applier itself.
                 inner.applied.store(r.seq, Ordering::Release);
-                persisted = r.seq;
             }
         }
         if let Some(e) = failed {
@@ -339,13 +361,6 @@ fn apply_loop(inner: Arc<Inner>, applier: MirrorApplier) {
         // "Applied" may be acknowledged before it is persisted: the receive
         // log keeps every record above the persisted applied seq.
         publish(&inner);
-        if last_persist.elapsed() > Duration::from_millis(200) {
-            persist(&inner, last, &mut persisted, &mut last_persist);
-        }
-    }
-    let applied = inner.applied.load(Ordering::Acquire);
-    if persisted < applied {
-        persist(&inner, applied, &mut persisted, &mut last_persist);
     }
 }
 
