@@ -232,3 +232,58 @@ fn replica_killed_repeatedly_during_namespace_churn() {
     let log = c.replicas[0].daemon.log_text();
     assert!(!log.contains("replica cannot apply"), "{log}");
 }
+
+/// A replica that joins a primary whose backing dir already holds files the
+/// journal never saw gets them by a full snapshot, then the stream.
+#[test]
+fn a_fresh_replica_gets_pre_existing_files_by_snapshot() {
+    let mut c = Cluster::new(1, &[]);
+    // Files that exist before the mount (never journaled).
+    let b = c.primary.backing.clone();
+    std::fs::create_dir_all(b.join("old/deeper")).unwrap();
+    let mut rng = Rng(77);
+    std::fs::write(b.join("old/disk.raw"), rng.bytes(3 << 20)).unwrap();
+    std::fs::write(b.join("old/deeper/small"), b"x").unwrap();
+    std::os::unix::fs::symlink("disk.raw", b.join("old/link")).unwrap();
+    // A file in the mirror that the primary does not have goes away.
+    std::fs::write(c.replicas[0].mirror.join("stale"), b"old").unwrap();
+    c.start_all();
+    let mnt = c.primary.mnt.clone();
+    // Changes while the snapshot may be running, and after.
+    random_workload(&mnt, 31, 200);
+    std::fs::rename(mnt.join("old/deeper/small"), mnt.join("old/moved")).unwrap();
+    c.wait_converged();
+    assert_same_tree(&c.primary.backing, &c.replicas[0].mirror, &|_| false);
+}
+
+#[test]
+fn demo_runs_and_verifies() {
+    let d = tempfile::Builder::new()
+        .prefix("replicafs-demo-test")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let dir = d.path().join("demo");
+    let port = free_udp_port();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "demo",
+            "--image-size",
+            "64M",
+            "--port",
+            &port.to_string(),
+            "--dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Whatever happened, nothing stays mounted.
+    lazy_umount(&dir.join("primary/mnt"));
+    lazy_umount(&dir.join("replica/mnt"));
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("OK: the mirror"), "{text}");
+}

@@ -44,6 +44,44 @@ pub enum Message {
     Goodbye {
         reason: String,
     },
+    /// Primary → fresh replica: a full copy of the tree follows, taken while
+    /// the primary runs (fuzzy), starting after journal seq `at`.
+    SnapshotBegin {
+        at: u64,
+    },
+    /// One directory, regular file or symlink of the snapshot (parents first).
+    SnapshotEntry {
+        path: Vec<u8>,
+        kind: EntryKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        size: u64,
+        /// A symlink's target.
+        #[serde(with = "bytes")]
+        target: Vec<u8>,
+    },
+    /// Bytes of a snapshot file.
+    SnapshotData {
+        path: Vec<u8>,
+        offset: u64,
+        #[serde(with = "bytes")]
+        data: Vec<u8>,
+    },
+    /// The snapshot is complete: the mirror holds every file at some instant
+    /// between seq `at` and `lenient_through`; records up to `lenient_through`
+    /// are applied tolerantly (their effects may already be in the copy).
+    SnapshotEnd {
+        at: u64,
+        lenient_through: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    Dir,
+    File,
+    Symlink,
 }
 
 impl Message {
@@ -54,6 +92,10 @@ impl Message {
             Message::Batch { .. } => 3,
             Message::Ack { .. } => 4,
             Message::Goodbye { .. } => 5,
+            Message::SnapshotBegin { .. } => 6,
+            Message::SnapshotEntry { .. } => 7,
+            Message::SnapshotData { .. } => 8,
+            Message::SnapshotEnd { .. } => 9,
         }
     }
 
@@ -64,6 +106,10 @@ impl Message {
             Message::Batch { .. } => "batch",
             Message::Ack { .. } => "ack",
             Message::Goodbye { .. } => "goodbye",
+            Message::SnapshotBegin { .. } => "snapshot-begin",
+            Message::SnapshotEntry { .. } => "snapshot-entry",
+            Message::SnapshotData { .. } => "snapshot-data",
+            Message::SnapshotEnd { .. } => "snapshot-end",
         }
     }
 }

@@ -386,6 +386,89 @@ mod tests {
     }
 
     #[test]
+    fn snapshots_only_go_to_fresh_replicas_and_fence_batches() {
+        let hello = Message::Hello {
+            volume_id: 1,
+            last_seq: 9,
+        };
+        let entry = Message::SnapshotEntry {
+            path: b"a".to_vec(),
+            kind: message::EntryKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 1,
+            target: vec![],
+        };
+        // Not fresh: refused.
+        let mut r = Receiver::new(Some(1), 3, 3);
+        r.handle(hello.clone()).unwrap();
+        assert!(r.handle(Message::SnapshotBegin { at: 9 }).is_err());
+        // Fresh: begin, entries, no batch in between, end moves the stream on.
+        let mut r = Receiver::new(None, 0, 0);
+        r.handle(hello).unwrap();
+        assert!(r.handle(entry.clone()).is_err());
+        let mut r = Receiver::new(None, 0, 0);
+        r.handle(Message::Hello {
+            volume_id: 1,
+            last_seq: 9,
+        })
+        .unwrap();
+        assert!(matches!(
+            r.handle(Message::SnapshotBegin { at: 9 }),
+            Ok(ReceiverEvent::Snapshot(_))
+        ));
+        assert!(matches!(r.handle(entry), Ok(ReceiverEvent::Snapshot(_))));
+        let b = Message::Batch {
+            first: 1,
+            last: 1,
+            primary_last: 1,
+            frames: vec![],
+        };
+        assert!(r.handle(b).is_err());
+        let mut r = Receiver::new(None, 0, 0);
+        r.handle(Message::Hello {
+            volume_id: 1,
+            last_seq: 9,
+        })
+        .unwrap();
+        r.handle(Message::SnapshotBegin { at: 9 }).unwrap();
+        assert!(
+            r.handle(Message::SnapshotEnd {
+                at: 9,
+                lenient_through: 8
+            })
+            .is_err()
+        );
+        let mut r = Receiver::new(None, 0, 0);
+        r.handle(Message::Hello {
+            volume_id: 1,
+            last_seq: 9,
+        })
+        .unwrap();
+        r.handle(Message::SnapshotBegin { at: 9 }).unwrap();
+        assert_eq!(
+            r.handle(Message::SnapshotEnd {
+                at: 9,
+                lenient_through: 12
+            })
+            .unwrap(),
+            ReceiverEvent::SnapshotEnd {
+                at: 9,
+                lenient_through: 12
+            }
+        );
+        let b = Message::Batch {
+            first: 10,
+            last: 10,
+            primary_last: 12,
+            frames: vec![],
+        };
+        assert!(matches!(r.handle(b), Ok(ReceiverEvent::Store { .. })));
+        assert!(r.handle(Message::SnapshotBegin { at: 20 }).is_err());
+    }
+
+    #[test]
     fn window_limits_batches_in_flight() {
         let mut s = Sender::new(
             1,

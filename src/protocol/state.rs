@@ -226,6 +226,17 @@ impl Sender {
         }
     }
 
+    /// A fresh replica (nothing received, nothing applied) gets a snapshot
+    /// before the stream.
+    pub fn needs_snapshot(&self) -> bool {
+        self.state == SenderState::Streaming && self.received == 0 && self.applied == 0
+    }
+
+    /// The snapshot taken after seq `at` is on the wire: stream from `at + 1`.
+    pub fn snapshot_sent(&mut self, at: u64) {
+        self.next_seq = at + 1;
+    }
+
     /// The transport put a batch ending at `last` on the wire (`wire_bytes` long).
     pub fn sent(&mut self, last: u64, wire_bytes: u64) {
         self.inflight.push_back((last, wire_bytes));
@@ -278,6 +289,11 @@ pub enum ReceiverEvent {
         adopt: bool,
         reply: Message,
     },
+    /// A snapshot message to apply to the mirror (begin, entry, data).
+    Snapshot(Message),
+    /// The snapshot is complete: the mirror is at `at`, tolerant through
+    /// `lenient_through`; acknowledge with [`Receiver::progress`].
+    SnapshotEnd { at: u64, lenient_through: u64 },
     /// Store these records durably, then call [`Receiver::stored`].
     Store {
         first: u64,
@@ -298,6 +314,7 @@ pub struct Receiver {
     expected: u64,
     received: u64,
     applied: u64,
+    in_snapshot: bool,
 }
 
 impl Receiver {
@@ -309,6 +326,7 @@ impl Receiver {
             expected: received + 1,
             received,
             applied,
+            in_snapshot: false,
         }
     }
 
@@ -342,6 +360,36 @@ impl Receiver {
                     },
                 })
             }
+            (ReceiverState::Streaming, m @ Message::SnapshotBegin { at })
+                if !self.in_snapshot
+                    && self.received == 0
+                    && self.applied == 0
+                    && self.expected == 1
+                    && at < u64::MAX =>
+            {
+                self.in_snapshot = true;
+                Ok(ReceiverEvent::Snapshot(m))
+            }
+            (
+                ReceiverState::Streaming,
+                m @ (Message::SnapshotEntry { .. } | Message::SnapshotData { .. }),
+            ) if self.in_snapshot => Ok(ReceiverEvent::Snapshot(m)),
+            (
+                ReceiverState::Streaming,
+                Message::SnapshotEnd {
+                    at,
+                    lenient_through,
+                },
+            ) if self.in_snapshot && lenient_through >= at && at < u64::MAX => {
+                self.in_snapshot = false;
+                self.expected = at + 1;
+                self.received = at;
+                self.applied = at;
+                Ok(ReceiverEvent::SnapshotEnd {
+                    at,
+                    lenient_through,
+                })
+            }
             (
                 ReceiverState::Streaming,
                 Message::Batch {
@@ -350,7 +398,7 @@ impl Receiver {
                     primary_last,
                     frames,
                 },
-            ) => {
+            ) if !self.in_snapshot => {
                 if first != self.expected || last < first || last == u64::MAX {
                     return Err(ProtocolError::OutOfOrder {
                         expected: self.expected,

@@ -6,6 +6,7 @@
 //! mirror in seq order and persists the applied seq (see [`apply`]).
 
 pub mod apply;
+pub mod snapshot;
 pub mod store;
 
 use std::os::fd::AsRawFd;
@@ -188,6 +189,32 @@ impl Replica {
 
     fn publish(&self) {
         publish(&self.inner);
+    }
+
+    /// A fresh replica's snapshot is complete: the mirror stands for seq `at`;
+    /// records through `lenient_through` are applied tolerantly.
+    pub fn finish_snapshot(&self, at: u64, lenient_through: u64) -> Result<(), String> {
+        if self.received() != 0 || self.applied() != 0 {
+            return Err("a snapshot can only go to a fresh replica".into());
+        }
+        syncfs(&self.inner.mirror).map_err(|e| format!("syncfs of the mirror: {e}"))?;
+        {
+            let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+            let s = st.state;
+            st.store(ApplyState {
+                applied: at,
+                intent_seq: 0,
+                intent_dev: 0,
+                intent_ino: 0,
+                lenient_through,
+                ..s
+            })
+            .map_err(err_msg)?;
+        }
+        self.inner.received.store(at, Ordering::Release);
+        self.inner.applied.store(at, Ordering::Release);
+        publish(&self.inner);
+        Ok(())
     }
 
     /// Stops the applier thread.

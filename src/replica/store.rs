@@ -289,10 +289,14 @@ pub struct ApplyState {
     pub intent_seq: u64,
     pub intent_dev: u64,
     pub intent_ino: u64,
+    /// Records up to this seq follow a fuzzy snapshot and are applied
+    /// tolerantly (0: none).
+    pub lenient_through: u64,
 }
 
 const STATE_MAGIC: u32 = u32::from_le_bytes(*b"RFRS");
-const SLOT: usize = 64;
+const SLOT: usize = 128;
+const CRC_AT: usize = 120;
 const SLOT_OFFSETS: [u64; 2] = [0, 4096];
 
 pub struct StateFile {
@@ -312,12 +316,13 @@ fn encode_slot(generation: u64, s: &ApplyState) -> [u8; SLOT] {
         s.intent_seq,
         s.intent_dev,
         s.intent_ino,
+        s.lenient_through,
     ];
     for (i, v) in fields.iter().enumerate() {
         b[8 + i * 8..16 + i * 8].copy_from_slice(&v.to_le_bytes());
     }
-    let crc = crc32fast::hash(&b[..56]);
-    b[56..60].copy_from_slice(&crc.to_le_bytes());
+    let crc = crc32fast::hash(&b[..CRC_AT]);
+    b[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
     b
 }
 
@@ -325,7 +330,7 @@ fn decode_slot(b: &[u8; SLOT]) -> Option<(u64, ApplyState)> {
     if b[0..4] != STATE_MAGIC.to_le_bytes() || b[4] != 1 {
         return None;
     }
-    if crc32fast::hash(&b[..56]).to_le_bytes() != b[56..60] {
+    if crc32fast::hash(&b[..CRC_AT]).to_le_bytes() != b[CRC_AT..CRC_AT + 4] {
         return None;
     }
     let f = |i: usize| u64::from_le_bytes(b[8 + i * 8..16 + i * 8].try_into().unwrap_or([0; 8]));
@@ -337,6 +342,7 @@ fn decode_slot(b: &[u8; SLOT]) -> Option<(u64, ApplyState)> {
             intent_seq: f(3),
             intent_dev: f(4),
             intent_ino: f(5),
+            lenient_through: f(6),
         },
     ))
 }

@@ -12,8 +12,10 @@ use tracing::{info, warn};
 use super::io::{close_with, read_message, write_message};
 use super::status::{PeerStatus, Status};
 use super::tls::{self, Fingerprint, Identity};
+use crate::protocol::Message;
 use crate::protocol::{Decoder, Receiver, ReceiverEvent, state::ReceiverState};
 use crate::replica::Replica;
+use crate::replica::snapshot::SnapshotApplier;
 
 #[derive(Default)]
 struct ConnInfo {
@@ -187,6 +189,7 @@ async fn session(
     let mut dec = Decoder::new();
     let mut rx = Receiver::new(replica.volume_id(), replica.received(), replica.applied());
     let mut progress = replica.progress();
+    let mut snap: Option<Arc<std::sync::Mutex<SnapshotApplier>>> = None;
     gen_rx.borrow_and_update();
     loop {
         tokio::select! {
@@ -204,6 +207,56 @@ async fn session(
                             info!(volume_id = format!("{volume_id:#018x}"), "mirror adopted by this primary");
                         }
                         write_message(send, &reply).await?;
+                    }
+                    ReceiverEvent::Snapshot(m) => {
+                        if let Message::SnapshotBegin { at } = m {
+                            info!(at, "receiving a full snapshot into a fresh mirror");
+                            let mirror = replica.mirror().to_path_buf();
+                            let sa = tokio::task::spawn_blocking(move || SnapshotApplier::new(&mirror))
+                                .await
+                                .map_err(|e| e.to_string())?
+                                .map_err(|e| format!("snapshot: {e}"))?;
+                            snap = Some(Arc::new(std::sync::Mutex::new(sa)));
+                            continue;
+                        }
+                        let sa = snap.clone().ok_or("snapshot message outside a snapshot")?;
+                        let wire_payload = match &m {
+                            Message::SnapshotData { data, .. } => data.len() as u64,
+                            _ => 0,
+                        };
+                        tokio::task::spawn_blocking(move || {
+                            let mut sa = sa.lock().unwrap_or_else(|e| e.into_inner());
+                            match m {
+                                Message::SnapshotEntry { path, kind, mode, uid, gid, size, target } => {
+                                    sa.entry(&path, kind, mode, uid, gid, size, &target)
+                                }
+                                Message::SnapshotData { path, offset, data } => sa.data(&path, offset, data),
+                                _ => Ok(()),
+                            }
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("applying the snapshot: {e}"))?;
+                        server.info().payload_bytes += wire_payload;
+                    }
+                    ReceiverEvent::SnapshotEnd { at, lenient_through } => {
+                        let sa = snap.take().ok_or("snapshot end outside a snapshot")?;
+                        let rep = replica.clone();
+                        let (entries, bytes, removed) = tokio::task::spawn_blocking(move || {
+                            let sa = sa.lock().unwrap_or_else(|e| e.into_inner());
+                            let removed = sa.finish().map_err(|e| format!("finishing the snapshot: {e}"))?;
+                            rep.finish_snapshot(at, lenient_through)?;
+                            Ok::<_, String>((sa.entries, sa.bytes, removed))
+                        })
+                        .await
+                        .map_err(|e| e.to_string())??;
+                        info!(at, lenient_through, entries, bytes, removed, "snapshot applied");
+                        {
+                            let mut i = server.info();
+                            i.primary_last = i.primary_last.max(lenient_through);
+                        }
+                        let ack = rx.progress(at, at, None);
+                        write_message(send, &ack).await?;
                     }
                     ReceiverEvent::Store { first, last, records, frames, primary_last } => {
                         let payload: u64 = records.iter().map(|r| r.data.len() as u64).sum();

@@ -23,6 +23,7 @@ use super::tls::{self, Fingerprint, Identity};
 use crate::journal::Journal;
 use crate::journal::record::Record;
 use crate::protocol::frame;
+use crate::protocol::message::EntryKind;
 use crate::protocol::{Decoder, Message, Sender, SenderConfig, SenderEvent};
 
 /// How long records may stay unacknowledged before the connection is given up.
@@ -93,6 +94,8 @@ struct Shared {
     seen: Mutex<VecDeque<(u64, Instant)>>,
     stop: AtomicBool,
     catch_up: Option<Arc<CatchUp>>,
+    /// The state dir's path inside the backing dir, if it is there (never sent).
+    hidden: Option<Vec<u8>>,
 }
 
 impl Shared {
@@ -157,6 +160,14 @@ impl Shipper {
     ) -> Result<Shipper, String> {
         let id = Identity::load_or_generate(state_dir)?;
         let vid = volume_id(state_dir)?;
+        let hidden = catch_up.as_ref().and_then(|c| {
+            use std::os::unix::ffi::OsStrExt;
+            let sd = state_dir.canonicalize().ok()?;
+            let b = c.backing.canonicalize().ok()?;
+            sd.strip_prefix(&b)
+                .ok()
+                .map(|r| r.as_os_str().as_bytes().to_vec())
+        });
         let shared = Arc::new(Shared {
             journal,
             peers: options
@@ -175,6 +186,7 @@ impl Shipper {
             seen: Mutex::new(VecDeque::new()),
             stop: AtomicBool::new(false),
             catch_up: catch_up.map(Arc::new),
+            hidden,
         });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -540,6 +552,15 @@ async fn stream(
         tokens: 0.0,
         at: Instant::now(),
     };
+    if sender.needs_snapshot() {
+        let Some(cu) = sh.catch_up.clone() else {
+            return Err("the replica is fresh and needs a snapshot, but this sender has no backing dir to read".into());
+        };
+        sh.peer(i).state = "catching up";
+        let at = send_snapshot(sh, i, send, &cu, opts.compression_level, &mut throttle).await?;
+        sender.snapshot_sent(at);
+        sh.peer(i).sent = at;
+    }
     let mut last_progress = Instant::now();
     let mut last_received = sender.received();
     let mut idle = tokio::time::interval(Duration::from_millis(2));
@@ -620,6 +641,149 @@ async fn stream(
         s.payload_bytes += payload;
         s.unapplied.push_back((through, payload));
     }
+}
+
+/// Entries of the backing dir for a snapshot, parents first.
+fn snapshot_entries(
+    cu: &CatchUp,
+    hidden: Option<&[u8]>,
+) -> std::io::Result<Vec<(Vec<u8>, EntryKind, std::fs::Metadata, Vec<u8>)>> {
+    use std::os::unix::ffi::OsStrExt;
+    let rec = cu.volume.recorder();
+    let mut out = Vec::new();
+    let mut stack = vec![Vec::<u8>::new()];
+    while let Some(dir) = stack.pop() {
+        let abs = cu.backing.join(std::ffi::OsStr::from_bytes(&dir));
+        let mut names: Vec<_> = std::fs::read_dir(&abs)?.filter_map(|e| e.ok()).collect();
+        names.sort_by_key(|e| e.file_name());
+        let mut subdirs = Vec::new();
+        for e in names {
+            let mut rel = dir.clone();
+            if !rel.is_empty() {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(e.file_name().as_bytes());
+            if Some(rel.as_slice()) == hidden
+                || rec.is_some_and(|r| r.exclusions().is_excluded(&rel))
+            {
+                continue;
+            }
+            let Ok(m) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            let ft = m.file_type();
+            if ft.is_dir() {
+                subdirs.push(rel.clone());
+                out.push((rel, EntryKind::Dir, m, Vec::new()));
+            } else if ft.is_file() {
+                out.push((rel, EntryKind::File, m, Vec::new()));
+            } else if ft.is_symlink() {
+                let t = std::fs::read_link(e.path())?;
+                out.push((
+                    rel,
+                    EntryKind::Symlink,
+                    m,
+                    t.as_os_str().as_bytes().to_vec(),
+                ));
+            }
+        }
+        // Depth-first, parents already listed.
+        stack.extend(subdirs.into_iter().rev());
+    }
+    Ok(out)
+}
+
+/// Sends a fuzzy snapshot of the backing dir; returns the seq it starts after.
+async fn send_snapshot(
+    sh: &Arc<Shared>,
+    i: usize,
+    send: &mut quinn::SendStream,
+    cu: &Arc<CatchUp>,
+    level: i32,
+    throttle: &mut Throttle,
+) -> Result<u64, String> {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let at = sh.journal.last_seq();
+    info!(peer = %sh.peers[i].0.address, at, "fresh replica: sending a full snapshot");
+    write_message(send, &Message::SnapshotBegin { at }).await?;
+    let (cu2, hidden) = (cu.clone(), sh.hidden.clone());
+    let entries = tokio::task::spawn_blocking(move || snapshot_entries(&cu2, hidden.as_deref()))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("snapshot: cannot list the backing dir: {e}"))?;
+    let (mut files, mut bytes) = (0u64, 0u64);
+    for (path, kind, m, target) in entries {
+        let entry = Message::SnapshotEntry {
+            path: path.clone(),
+            kind,
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+            size: m.len(),
+            target,
+        };
+        let n = write_message(send, &entry).await?;
+        sh.peer(i).wire_bytes += n as u64;
+        if kind != EntryKind::File {
+            continue;
+        }
+        files += 1;
+        let abs = {
+            use std::os::unix::ffi::OsStrExt;
+            cu.backing.join(std::ffi::OsStr::from_bytes(&path))
+        };
+        let Ok(f) = std::fs::File::open(&abs) else {
+            continue; // gone since the listing: the stream will say so
+        };
+        let f = Arc::new(f);
+        let mut offset = 0u64;
+        loop {
+            let (f2, p2) = (f.clone(), path.clone());
+            let enc = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; super::catchup::CHUNK as usize];
+                let mut got = 0;
+                while got < buf.len() {
+                    match f2.read_at(&mut buf[got..], offset + got as u64) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                buf.truncate(got);
+                if got == 0 {
+                    return Ok(None);
+                }
+                let msg = Message::SnapshotData {
+                    path: p2,
+                    offset,
+                    data: buf,
+                };
+                Ok(Some((frame::encode(&msg, level), got)))
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            let Some((enc, got)) = enc else { break };
+            throttle.take(enc.bytes.len()).await;
+            write_bytes(send, &enc.bytes).await?;
+            offset += got as u64;
+            bytes += got as u64;
+            let mut s = sh.peer(i);
+            s.wire_bytes += enc.bytes.len() as u64;
+            s.payload_bytes += got as u64;
+        }
+    }
+    let lenient_through = sh.journal.last_seq().max(at);
+    write_message(
+        send,
+        &Message::SnapshotEnd {
+            at,
+            lenient_through,
+        },
+    )
+    .await?;
+    info!(peer = %sh.peers[i].0.address, at, lenient_through, files, bytes, "snapshot sent");
+    Ok(at)
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

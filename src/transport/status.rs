@@ -68,7 +68,6 @@ impl StatusServer {
         }
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
-        listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
@@ -77,13 +76,12 @@ impl StatusServer {
                 while !stop2.load(Ordering::Acquire) {
                     match listener.accept() {
                         Ok((mut s, _)) => {
-                            let _ = s.set_nonblocking(false);
+                            if stop2.load(Ordering::Acquire) {
+                                break;
+                            }
                             let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
                             let body = serde_json::to_vec(&status()).unwrap_or_default();
                             let _ = s.write_all(&body);
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(50));
                         }
                         Err(e) => {
                             warn!(error = %e, "status socket accept failed");
@@ -103,6 +101,8 @@ impl StatusServer {
 impl Drop for StatusServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        // Wake the blocking accept.
+        let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
