@@ -23,7 +23,7 @@ pub struct DemoArgs {
     /// UDP port of the replica on 127.0.0.1.
     #[arg(long, default_value_t = 17070)]
     pub port: u16,
-    /// Size of the VM disk image.
+    /// Size of the VM disk image (at least 64M).
     #[arg(long, default_value = "256M")]
     pub image_size: String,
 }
@@ -253,7 +253,7 @@ pub fn run(args: DemoArgs) -> Result<(), BoxError> {
         "-c",
         "write -P 0x5a 0 16M",
         "-c",
-        "write -P 0xa5 64M 8M",
+        "write -P 0xa5 40M 8M",
         "-c",
         "write -z 4M 1M",
         "-c",
