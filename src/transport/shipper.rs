@@ -643,11 +643,11 @@ async fn stream(
     }
 }
 
+/// (path, kind, metadata, symlink target)
+type SnapshotItem = (Vec<u8>, EntryKind, std::fs::Metadata, Vec<u8>);
+
 /// Entries of the backing dir for a snapshot, parents first.
-fn snapshot_entries(
-    cu: &CatchUp,
-    hidden: Option<&[u8]>,
-) -> std::io::Result<Vec<(Vec<u8>, EntryKind, std::fs::Metadata, Vec<u8>)>> {
+fn snapshot_entries(cu: &CatchUp, hidden: Option<&[u8]>) -> std::io::Result<Vec<SnapshotItem>> {
     use std::os::unix::ffi::OsStrExt;
     let rec = cu.volume.recorder();
     let mut out = Vec::new();
