@@ -74,5 +74,6 @@ echo "| case | fio write MiB/s | lag p50 ms | lag p99 ms | lag max ms | payload 
 echo "|---|---|---|---|---|---|---|---|---|"
 run_case seq-1M-incompressible --rw=write --bs=1M --size="$SEQ_SIZE" --refill_buffers --end_fsync=1
 run_case seq-1M-50pct-compressible --rw=write --bs=1M --size="$SEQ_SIZE" --buffer_compress_percentage=50 --refill_buffers --end_fsync=1
+run_case seq-1M-paced-40MiBps --rw=write --bs=1M --size=400M --rate=40m --refill_buffers --end_fsync=1
 run_case rand-4k-incompressible --rw=randwrite --bs=4k --size="$RAND_SIZE" --time_based --runtime="$RAND_TIME" --refill_buffers --fsync=64
 run_case rand-64k-overwrite-hot --rw=randwrite --bs=64k --size=16M --time_based --runtime="$RAND_TIME" --refill_buffers --fsync=16
