@@ -135,3 +135,41 @@ fn replica_disk_full_shows_on_both_sides_and_recovers() {
     let s = status(&state).unwrap();
     assert!(s["peers"][0]["error"].is_null(), "{s}");
 }
+
+/// A replica is away while the journal overflows and drops records, names
+/// included (creates, renames, unlinks): on its return the dirty regions are
+/// sent again and, since names were lost, it gets a fresh snapshot; the mirror
+/// converges either way.
+#[test]
+fn a_peer_behind_a_journal_overflow_converges() {
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("p.toml");
+    std::fs::write(
+        &cfg,
+        "[journal]\nsegment_bytes = 1048576\ncap_bytes = 8388608\n",
+    )
+    .unwrap();
+    let mut c = Cluster::new(1, &["--config", &cfg.display().to_string()]);
+    c.start_all();
+    let mnt = c.primary.mnt.clone();
+    random_workload(&mnt, 41, 100);
+    c.wait_converged();
+    c.replicas[0].daemon.stop();
+    // Far more than the cap while the replica is away.
+    random_workload(&mnt, 42, 300);
+    let mut rng = Rng(43);
+    for i in 0..6 {
+        std::fs::write(mnt.join(format!("big{i}")), rng.bytes(3 << 20)).unwrap();
+        if i % 2 == 0 {
+            std::fs::rename(mnt.join(format!("big{i}")), mnt.join(format!("moved{i}"))).unwrap();
+        }
+    }
+    std::fs::remove_file(mnt.join("big1")).unwrap();
+    sync_path(&mnt);
+    let log = c.primary.daemon.log_text();
+    assert!(log.contains("journal cap reached"), "no overflow:\n{log}");
+    c.replicas[0].daemon.start();
+    random_workload(&mnt, 44, 50);
+    c.wait_converged();
+    assert_same_tree(&c.primary.backing, &c.replicas[0].mirror, &|_| false);
+}

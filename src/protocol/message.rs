@@ -60,6 +60,8 @@ pub enum Message {
         /// A symlink's target.
         #[serde(with = "bytes")]
         target: Vec<u8>,
+        /// Extended attributes (name, value) of a file or directory.
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     },
     /// Bytes of a snapshot file.
     SnapshotData {

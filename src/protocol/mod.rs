@@ -386,7 +386,7 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_only_go_to_fresh_replicas_and_fence_batches() {
+    fn snapshots_fence_batches_and_never_go_backwards() {
         let hello = Message::Hello {
             volume_id: 1,
             last_seq: 9,
@@ -399,11 +399,16 @@ mod tests {
             gid: 0,
             size: 1,
             target: vec![],
+            xattrs: vec![(b"user.k".to_vec(), b"v".to_vec())],
         };
-        // Not fresh: refused.
-        let mut r = Receiver::new(Some(1), 3, 3);
+        // A snapshot older than what the replica holds: refused.
+        let mut r = Receiver::new(Some(1), 10, 3);
         r.handle(hello.clone()).unwrap();
         assert!(r.handle(Message::SnapshotBegin { at: 9 }).is_err());
+        // Newer: accepted (a replica behind the journal gets a new copy).
+        let mut r = Receiver::new(Some(1), 3, 3);
+        r.handle(hello.clone()).unwrap();
+        assert!(r.handle(Message::SnapshotBegin { at: 9 }).is_ok());
         // Fresh: begin, entries, no batch in between, end moves the stream on.
         let mut r = Receiver::new(None, 0, 0);
         r.handle(hello).unwrap();
@@ -465,7 +470,7 @@ mod tests {
             frames: vec![],
         };
         assert!(matches!(r.handle(b), Ok(ReceiverEvent::Store { .. })));
-        assert!(r.handle(Message::SnapshotBegin { at: 20 }).is_err());
+        assert!(r.handle(Message::SnapshotBegin { at: 5 }).is_err());
     }
 
     #[test]

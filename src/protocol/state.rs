@@ -227,7 +227,8 @@ impl Sender {
     }
 
     /// A fresh replica (nothing received, nothing applied) gets a snapshot
-    /// before the stream.
+    /// before the stream. (A replica that is behind records the journal no
+    /// longer has gets one too, at the transport's decision.)
     pub fn needs_snapshot(&self) -> bool {
         self.state == SenderState::Streaming && self.received == 0 && self.applied == 0
     }
@@ -361,11 +362,7 @@ impl Receiver {
                 })
             }
             (ReceiverState::Streaming, m @ Message::SnapshotBegin { at })
-                if !self.in_snapshot
-                    && self.received == 0
-                    && self.applied == 0
-                    && self.expected == 1
-                    && at < u64::MAX =>
+                if !self.in_snapshot && at >= self.expected - 1 && at < u64::MAX =>
             {
                 self.in_snapshot = true;
                 Ok(ReceiverEvent::Snapshot(m))

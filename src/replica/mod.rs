@@ -40,6 +40,9 @@ struct Inner {
     progress: tokio::sync::watch::Sender<Progress>,
     stop: AtomicBool,
     payload_applied: AtomicU64,
+    /// Held by the applier while it applies; true while a snapshot replaces
+    /// the mirror.
+    gate: Mutex<bool>,
 }
 
 pub struct Replica {
@@ -102,6 +105,7 @@ impl Replica {
             progress,
             stop: AtomicBool::new(false),
             payload_applied: AtomicU64::new(0),
+            gate: Mutex::new(false),
         });
         let applier = MirrorApplier::new(&inner.mirror)
             .map_err(|e| format!("cannot open the mirror: {e}"))?;
@@ -191,11 +195,42 @@ impl Replica {
         publish(&self.inner);
     }
 
-    /// A fresh replica's snapshot is complete: the mirror stands for seq `at`;
-    /// records through `lenient_through` are applied tolerantly.
+    /// A snapshot replaces the mirror: the applier stops, the receive log is
+    /// dropped (the snapshot supersedes it) and the replica becomes fresh,
+    /// durably, so an interrupted snapshot starts over.
+    pub fn begin_snapshot(&self) -> Result<(), String> {
+        let mut gate = self.inner.gate.lock().unwrap_or_else(|e| e.into_inner());
+        *gate = true;
+        if self.received() == 0 && self.applied() == 0 {
+            return Ok(());
+        }
+        self.inner
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear()
+            .map_err(|e| format!("cannot clear the receive log: {e}"))?;
+        let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        let s = st.state;
+        st.store(ApplyState {
+            volume_id: s.volume_id,
+            ..Default::default()
+        })
+        .map_err(err_msg)?;
+        drop(st);
+        self.inner.received.store(0, Ordering::Release);
+        self.inner.applied.store(0, Ordering::Release);
+        set_error(&self.inner, None);
+        info!("replica reset for a snapshot");
+        Ok(())
+    }
+
+    /// The snapshot is complete: the mirror stands for seq `at`; records
+    /// through `lenient_through` are applied tolerantly. The applier resumes.
     pub fn finish_snapshot(&self, at: u64, lenient_through: u64) -> Result<(), String> {
+        let mut gate = self.inner.gate.lock().unwrap_or_else(|e| e.into_inner());
         if self.received() != 0 || self.applied() != 0 {
-            return Err("a snapshot can only go to a fresh replica".into());
+            return Err("a snapshot can only finish on a reset replica".into());
         }
         syncfs(&self.inner.mirror).map_err(|e| format!("syncfs of the mirror: {e}"))?;
         {
@@ -213,6 +248,8 @@ impl Replica {
         }
         self.inner.received.store(at, Ordering::Release);
         self.inner.applied.store(at, Ordering::Release);
+        *gate = false;
+        drop(gate);
         publish(&self.inner);
         Ok(())
     }
@@ -314,9 +351,17 @@ fn apply_loop(inner: Arc<Inner>, applier: MirrorApplier) {
         }
     }
     while !inner.stop.load(Ordering::Acquire) {
+        let gate = inner.gate.lock().unwrap_or_else(|e| e.into_inner());
+        if *gate {
+            // Suspended for a snapshot.
+            drop(gate);
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
         let applied = inner.applied.load(Ordering::Acquire);
         let received = inner.received.load(Ordering::Acquire);
         if applied >= received {
+            drop(gate);
             let g = inner.wake.0.lock().unwrap_or_else(|e| e.into_inner());
             if inner.received.load(Ordering::Acquire) <= applied
                 && !inner.stop.load(Ordering::Acquire)
@@ -325,70 +370,80 @@ fn apply_loop(inner: Arc<Inner>, applier: MirrorApplier) {
             }
             continue;
         }
-        let next = applied + 1;
-        let batch = inner
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .batch_with(next);
-        let (_first, last, records) = match batch {
-            Ok(Some(b)) => b,
-            Ok(None) => {
-                set_error(
-                    &inner,
-                    Some(format!("record {next} is missing from the receive log")),
-                );
-                publish(&inner);
-                std::thread::sleep(Duration::from_secs(1));
-                continue;
-            }
-            Err(e) => {
-                set_error(&inner, Some(format!("cannot read the receive log: {e}")));
-                publish(&inner);
-                std::thread::sleep(Duration::from_secs(1));
-                continue;
-            }
+        let pause = apply_next(&inner, &applier, applied + 1, &mut failures);
+        drop(gate);
+        if let Some(d) = pause {
+            std::thread::sleep(d);
+        }
+    }
+}
+
+/// Applies the stored batch holding `next`; returns how long to pause after
+/// a failure.
+fn apply_next(
+    inner: &Inner,
+    applier: &MirrorApplier,
+    next: u64,
+    failures: &mut u32,
+) -> Option<Duration> {
+    let batch = inner
+        .log
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .batch_with(next);
+    let (_first, last, records) = match batch {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            set_error(
+                inner,
+                Some(format!("record {next} is missing from the receive log")),
+            );
+            publish(inner);
+            return Some(Duration::from_secs(1));
+        }
+        Err(e) => {
+            set_error(inner, Some(format!("cannot read the receive log: {e}")));
+            publish(inner);
+            return Some(Duration::from_secs(1));
+        }
+    };
+    let mut payload = 0u64;
+    for r in records.iter().filter(|r| r.seq >= next) {
+        let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        let res = if st.state.intent_seq == r.seq {
+            applier.resolve_intent(&mut st, r)
+        } else {
+            applier.apply(&mut st, r)
         };
-        let mut failed = None;
-        let mut payload = 0u64;
-        for r in records.iter().filter(|r| r.seq >= next) {
-            let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
-            let res = if st.state.intent_seq == r.seq {
-                applier.resolve_intent(&mut st, r)
-            } else {
-                applier.apply(&mut st, r)
-            };
-            drop(st);
-            if let Err(e) = res {
-                failed = Some(format!(
+        drop(st);
+        if let Err(e) = res {
+            *failures += 1;
+            set_error(
+                inner,
+                Some(format!(
                     "applying record {} ({} {:?}): {e}",
                     r.seq,
                     r.op.name(),
                     String::from_utf8_lossy(r.op.path())
-                ));
-                break;
-            }
-            payload += r.data.len() as u64;
-            if r.op.is_namespace() {
-                // Persisted by the applier itself.
-                inner.applied.store(r.seq, Ordering::Release);
-            }
+                )),
+            );
+            publish(inner);
+            return Some(Duration::from_millis((100 * *failures as u64).min(2000)));
         }
-        if let Some(e) = failed {
-            failures += 1;
-            set_error(&inner, Some(e));
-            publish(&inner);
-            std::thread::sleep(Duration::from_millis((100 * failures as u64).min(2000)));
-            continue;
+        payload += r.data.len() as u64;
+        if r.op.is_namespace() {
+            // Persisted by the applier itself.
+            inner.applied.store(r.seq, Ordering::Release);
         }
-        failures = 0;
-        inner.payload_applied.fetch_add(payload, Ordering::Relaxed);
-        inner.applied.store(last, Ordering::Release);
-        set_error(&inner, None);
-        // "Applied" may be acknowledged before it is persisted: the receive
-        // log keeps every record above the persisted applied seq.
-        publish(&inner);
     }
+    *failures = 0;
+    inner.payload_applied.fetch_add(payload, Ordering::Relaxed);
+    inner.applied.store(last, Ordering::Release);
+    set_error(inner, None);
+    // "Applied" may be acknowledged before it is persisted: the receive
+    // log keeps every record above the persisted applied seq.
+    publish(inner);
+    None
 }
 
 /// Makes the mirror durable, then the applied seq; then trims the receive log.

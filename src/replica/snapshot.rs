@@ -61,6 +61,7 @@ impl SnapshotApplier {
         gid: u32,
         size: u64,
         target: &[u8],
+        xattrs: &[(Vec<u8>, Vec<u8>)],
     ) -> io::Result<()> {
         let old = self.existing(path);
         let p = path.to_vec();
@@ -118,6 +119,25 @@ impl SnapshotApplier {
                 mtime: None,
             })?;
         }
+        if kind != EntryKind::Symlink {
+            let abs = self.mirror.join(std::ffi::OsStr::from_bytes(path));
+            for (name, _) in list_xattrs(&abs) {
+                if !xattrs.iter().any(|(n, _)| *n == name) {
+                    self.apply(Op::RemoveXattr {
+                        path: p.clone(),
+                        name,
+                    })?;
+                }
+            }
+            for (name, value) in xattrs {
+                self.apply(Op::SetXattr {
+                    path: p.clone(),
+                    name: name.clone(),
+                    value: value.clone(),
+                    flags: 0,
+                })?;
+            }
+        }
         self.seen.insert(p);
         self.entries += 1;
         Ok(())
@@ -167,4 +187,34 @@ impl SnapshotApplier {
         }
         Ok(removed)
     }
+}
+
+/// The extended attributes of `path` (not following a final symlink).
+pub fn list_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return vec![];
+    };
+    let mut names = vec![0u8; 64 << 10];
+    // SAFETY: valid C string and buffer.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if n <= 0 {
+        return vec![];
+    }
+    let mut out = Vec::new();
+    for name in names[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+    {
+        let Ok(cn) = std::ffi::CString::new(name) else {
+            continue;
+        };
+        let mut v = vec![0u8; 64 << 10];
+        // SAFETY: valid C strings and buffer.
+        let m = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        if m >= 0 {
+            v.truncate(m as usize);
+            out.push((name.to_vec(), v));
+        }
+    }
+    out
 }

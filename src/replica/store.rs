@@ -199,6 +199,16 @@ impl ReceiveLog {
         Ok(Some((first, last, records)))
     }
 
+    /// Deletes everything (a snapshot supersedes it).
+    pub fn clear(&mut self) -> io::Result<()> {
+        self.active = None;
+        self.entries.clear();
+        for (_, p) in list(&self.dir)? {
+            std::fs::remove_file(p)?;
+        }
+        sync_dir(&self.dir)
+    }
+
     /// Deletes the segments whose batches all end at or below `applied`
     /// (never the active one).
     pub fn trim(&mut self, applied: u64) -> io::Result<()> {

@@ -67,6 +67,9 @@ pub struct PassReport {
     pub regions: usize,
     pub bytes: u64,
     pub skipped: usize,
+    /// Dirty paths that are not regular files on the primary (a namespace
+    /// change was lost): only a snapshot repairs a replica that missed them.
+    pub lost: usize,
 }
 
 fn rel_path(backing: &Path, rel: &[u8]) -> Option<PathBuf> {
@@ -83,6 +86,26 @@ fn rel_path(backing: &Path, rel: &[u8]) -> Option<PathBuf> {
 }
 
 impl CatchUp {
+    /// Whether the dirty list names a path that is not a regular file on the
+    /// primary any more (a dropped namespace change).
+    pub fn namespace_lost(&self) -> io::Result<bool> {
+        let Some(rec) = self.volume.recorder() else {
+            return Ok(false);
+        };
+        for r in rec.journal().dirty().regions().map_err(io::Error::other)? {
+            if !r.is_whole() || rec.exclusions().is_excluded(&r.path) {
+                continue;
+            }
+            let regular = rel_path(&self.backing, &r.path)
+                .and_then(|p| std::fs::symlink_metadata(p).ok())
+                .is_some_and(|m| m.is_file());
+            if !regular {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Journals the dirty regions again, about `budget` bytes at most (a
     /// region cut short stays dirty for the next pass). Blocking; run it off
     /// the async threads.
@@ -128,8 +151,9 @@ impl CatchUp {
                     if !excluded {
                         warn!(
                             path = %String::from_utf8_lossy(&region.path),
-                            "dirty path is not a regular file on the primary; not caught up"
+                            "dirty path is not a regular file on the primary; peers behind it get a snapshot"
                         );
+                        report.lost += 1;
                     }
                     report.skipped += 1;
                 }
@@ -169,15 +193,38 @@ impl CatchUp {
         };
         let mut sent = 0u64;
         if region.is_whole() {
+            use std::os::unix::fs::MetadataExt;
             let _ns = rec.namespace_lock();
-            let len = file.metadata()?.len();
+            let m = file.metadata()?;
             journal.append(
                 &Op::Truncate {
                     path: region.path.clone(),
-                    size: len,
+                    size: m.len(),
                 },
                 &[],
             );
+            journal.append(
+                &Op::SetAttr {
+                    path: region.path.clone(),
+                    mode: Some(m.mode() & 0o7777),
+                    uid: Some(m.uid()),
+                    gid: Some(m.gid()),
+                    atime: None,
+                    mtime: None,
+                },
+                &[],
+            );
+            for (name, value) in crate::replica::snapshot::list_xattrs(path) {
+                journal.append(
+                    &Op::SetXattr {
+                        path: region.path.clone(),
+                        name,
+                        value,
+                        flags: 0,
+                    },
+                    &[],
+                );
+            }
         }
         let len = file.metadata()?.len();
         for (start, end) in self.source.ranges(region, len) {

@@ -210,12 +210,14 @@ async fn session(
                     }
                     ReceiverEvent::Snapshot(m) => {
                         if let Message::SnapshotBegin { at } = m {
-                            info!(at, "receiving a full snapshot into a fresh mirror");
-                            let mirror = replica.mirror().to_path_buf();
-                            let sa = tokio::task::spawn_blocking(move || SnapshotApplier::new(&mirror))
-                                .await
-                                .map_err(|e| e.to_string())?
-                                .map_err(|e| format!("snapshot: {e}"))?;
+                            info!(at, "receiving a full snapshot");
+                            let rep = replica.clone();
+                            let sa = tokio::task::spawn_blocking(move || {
+                                rep.begin_snapshot()?;
+                                SnapshotApplier::new(rep.mirror()).map_err(|e| format!("snapshot: {e}"))
+                            })
+                            .await
+                            .map_err(|e| e.to_string())??;
                             snap = Some(Arc::new(std::sync::Mutex::new(sa)));
                             continue;
                         }
@@ -227,8 +229,8 @@ async fn session(
                         tokio::task::spawn_blocking(move || {
                             let mut sa = sa.lock().unwrap_or_else(|e| e.into_inner());
                             match m {
-                                Message::SnapshotEntry { path, kind, mode, uid, gid, size, target } => {
-                                    sa.entry(&path, kind, mode, uid, gid, size, &target)
+                                Message::SnapshotEntry { path, kind, mode, uid, gid, size, target, xattrs } => {
+                                    sa.entry(&path, kind, mode, uid, gid, size, &target, &xattrs)
                                 }
                                 Message::SnapshotData { path, offset, data } => sa.data(&path, offset, data),
                                 _ => Ok(()),

@@ -96,6 +96,8 @@ struct Shared {
     catch_up: Option<Arc<CatchUp>>,
     /// The state dir's path inside the backing dir, if it is there (never sent).
     hidden: Option<Vec<u8>>,
+    /// A catch-up pass met a dropped namespace change.
+    namespace_loss: AtomicBool,
 }
 
 impl Shared {
@@ -187,6 +189,7 @@ impl Shipper {
             stop: AtomicBool::new(false),
             catch_up: catch_up.map(Arc::new),
             hidden,
+            namespace_loss: AtomicBool::new(false),
         });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -330,7 +333,11 @@ async fn housekeeping(sh: Arc<Shared>) {
             last_pass = Instant::now();
             let cu = cu.clone();
             match tokio::task::spawn_blocking(move || cu.pass(cap / 4)).await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(r)) => {
+                    if r.lost > 0 {
+                        sh.namespace_loss.store(true, Ordering::Release);
+                    }
+                }
                 Ok(Err(e)) => warn!(error = %e, "catch-up pass failed"),
                 Err(e) => warn!(error = %e, "catch-up pass panicked"),
             }
@@ -606,15 +613,28 @@ async fn stream(
             Read::Records(r, t) => (r, t),
             Read::Gap(from, to) => {
                 let stats = journal.stats();
-                if to > stats.dropped_through && to <= stats.trimmed_through {
-                    return Err(format!(
-                        "the journal no longer holds records {from}..={to} (trimmed): this peer needs a full resync"
-                    ));
-                }
-                if sh.catch_up.is_none() {
+                let Some(cu) = sh.catch_up.clone() else {
                     return Err(format!(
                         "the journal no longer holds records {from}..={to} and there is no catch-up source"
                     ));
+                };
+                let trimmed = to > stats.dropped_through && to <= stats.trimmed_through;
+                let cu2 = cu.clone();
+                let lost = sh.namespace_loss.load(Ordering::Acquire)
+                    || tokio::task::spawn_blocking(move || cu2.namespace_lost())
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("cannot read the dirty list: {e}"))?;
+                if trimmed || lost {
+                    warn!(peer = %sh.peers[i].0.address, from, to, trimmed, lost_namespace_changes = lost,
+                        "the journal cannot bring this peer forward: sending a full snapshot");
+                    sh.peer(i).state = "catching up";
+                    let at = send_snapshot(sh, i, send, &cu, opts.compression_level, &mut throttle)
+                        .await?;
+                    sender.snapshot_sent(at);
+                    sh.peer(i).sent = at;
+                    last_progress = Instant::now();
+                    continue;
                 }
                 // Dropped (cap) or lost records: their regions were marked
                 // dirty before they left the index, and catch-up passes journal
@@ -720,6 +740,14 @@ async fn send_snapshot(
             uid: m.uid(),
             gid: m.gid(),
             size: m.len(),
+            xattrs: if kind == EntryKind::Symlink {
+                Vec::new()
+            } else {
+                use std::os::unix::ffi::OsStrExt;
+                crate::replica::snapshot::list_xattrs(
+                    &cu.backing.join(std::ffi::OsStr::from_bytes(&path)),
+                )
+            },
             target,
         };
         let n = write_message(send, &entry).await?;
