@@ -172,4 +172,9 @@ fn a_peer_behind_a_journal_overflow_converges() {
     random_workload(&mnt, 44, 50);
     c.wait_converged();
     assert_same_tree(&c.primary.backing, &c.replicas[0].mirror, &|_| false);
+    let log = c.primary.daemon.log_text();
+    assert!(
+        log.contains("the journal cannot bring this peer forward"),
+        "no snapshot after the overflow:\n{log}"
+    );
 }
