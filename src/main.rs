@@ -246,6 +246,14 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
     if !peers.is_empty() && opts.journal.is_none() {
         return Err("replication needs the journal: drop --no-journal or the peers".into());
     }
+    // Before the mount opens the journal: did it close cleanly last time?
+    let journal_dir = replicafs::journal::journal_dir(
+        &opts
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| opts.backing.join(STATE_DIR_NAME)),
+    );
+    let unclean = journal_dir.is_dir() && !journal_dir.join("CLEAN").exists();
     let mounted = mount::mount(&opts)?;
     let state_dir = mounted.checked.state_dir.clone();
     let shipper = match mounted.journal() {
@@ -263,6 +271,7 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
                         batch_records: r.batch_records,
                         window_bytes: r.window_bytes,
                     },
+                    snapshot_first: unclean,
                 },
                 Some(CatchUp {
                     volume: mounted.volume.clone(),

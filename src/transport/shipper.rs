@@ -26,6 +26,23 @@ use crate::protocol::frame;
 use crate::protocol::message::EntryKind;
 use crate::protocol::{Decoder, Message, Sender, SenderConfig, SenderEvent};
 
+/// How long a replica may fail on a diverged mirror before it gets a snapshot.
+pub const DIVERGENCE_GRACE: Duration = Duration::from_secs(3);
+
+/// Apply errors that mean the mirror is not the state the record expects.
+fn is_divergence(e: &str) -> bool {
+    e.contains("applying record")
+        && [
+            "(os error 2)",
+            "(os error 17)",
+            "(os error 20)",
+            "(os error 21)",
+            "(os error 39)",
+        ]
+        .iter()
+        .any(|c| e.contains(c))
+}
+
 /// How long records may stay unacknowledged before the connection is given up.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -57,6 +74,10 @@ pub struct ShipperOptions {
     /// Wire bytes per second per peer; 0 is unlimited.
     pub bandwidth_limit: u64,
     pub sender: SenderConfig,
+    /// The journal did not close cleanly last time: what it lost (names
+    /// included) is unknown, so every peer gets a snapshot on its first
+    /// connection.
+    pub snapshot_first: bool,
 }
 
 impl Default for ShipperOptions {
@@ -66,6 +87,7 @@ impl Default for ShipperOptions {
             compression_level: 3,
             bandwidth_limit: 0,
             sender: SenderConfig::default(),
+            snapshot_first: false,
         }
     }
 }
@@ -368,9 +390,10 @@ async fn housekeeping(sh: Arc<Shared>) {
 async fn peer_loop(sh: Arc<Shared>, i: usize, id: Identity, vid: u64, opts: ShipperOptions) {
     let peer = sh.peers[i].0.clone();
     let mut backoff = Duration::from_millis(200);
+    let mut snapshot_first = opts.snapshot_first;
     while !sh.stop.load(Ordering::Acquire) {
         let started = Instant::now();
-        let r = connection(&sh, i, &id, vid, &opts).await;
+        let r = connection(&sh, i, &id, vid, &opts, &mut snapshot_first).await;
         {
             let mut s = sh.peer(i);
             s.connected = false;
@@ -460,6 +483,7 @@ async fn connection(
     id: &Identity,
     vid: u64,
     opts: &ShipperOptions,
+    snapshot_first: &mut bool,
 ) -> Result<(), String> {
     let peer = &sh.peers[i].0;
     let addr: SocketAddr = tokio::net::lookup_host(&peer.address)
@@ -483,7 +507,7 @@ async fn connection(
         .open_bi()
         .await
         .map_err(|e| format!("cannot open a stream: {e}"))?;
-    let r = stream(sh, i, &conn, &mut send, recv, vid, opts).await;
+    let r = stream(sh, i, &conn, &mut send, recv, vid, opts, snapshot_first).await;
     if let Err(e) = &r {
         close_with(&conn, Some(&mut send), e).await;
     } else {
@@ -493,6 +517,7 @@ async fn connection(
     r
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     sh: &Arc<Shared>,
     i: usize,
@@ -501,6 +526,7 @@ async fn stream(
     mut recv: quinn::RecvStream,
     vid: u64,
     opts: &ShipperOptions,
+    snapshot_first: &mut bool,
 ) -> Result<(), String> {
     let journal = sh.journal.clone();
     let mut sender = Sender::new(vid, opts.sender.clone());
@@ -559,7 +585,10 @@ async fn stream(
         tokens: 0.0,
         at: Instant::now(),
     };
-    if sender.needs_snapshot() {
+    if sender.needs_snapshot() || (*snapshot_first && sh.catch_up.is_some()) {
+        if *snapshot_first {
+            info!(peer = %sh.peers[i].0.address, "the journal was not closed cleanly: this peer gets a full snapshot");
+        }
         let Some(cu) = sh.catch_up.clone() else {
             return Err("the replica is fresh and needs a snapshot, but this sender has no backing dir to read".into());
         };
@@ -567,9 +596,11 @@ async fn stream(
         let at = send_snapshot(sh, i, send, &cu, opts.compression_level, &mut throttle).await?;
         sender.snapshot_sent(at);
         sh.peer(i).sent = at;
+        *snapshot_first = false;
     }
     let mut last_progress = Instant::now();
     let mut last_received = sender.received();
+    let mut inconsistent_since: Option<Instant> = None;
     let mut idle = tokio::time::interval(Duration::from_millis(2));
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -579,6 +610,29 @@ async fn stream(
         // Take every message that is waiting.
         while let Ok(m) = rx.try_recv() {
             on_message(sh, i, &mut sender, m?)?;
+        }
+        // A replica that keeps failing on a record because its mirror does not
+        // hold what the record expects (a name missing or in the way) has
+        // diverged (a namespace change the primary lost in a crash): it gets a
+        // new snapshot. Other errors (disk full …) are waited out.
+        if sender.remote_error().is_some_and(is_divergence) {
+            let since = *inconsistent_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > DIVERGENCE_GRACE
+                && let Some(cu) = sh.catch_up.clone()
+            {
+                warn!(peer = %sh.peers[i].0.address, error = ?sender.remote_error(),
+                    "the replica's mirror has diverged: sending a full snapshot");
+                sh.peer(i).state = "catching up";
+                let at =
+                    send_snapshot(sh, i, send, &cu, opts.compression_level, &mut throttle).await?;
+                sender.snapshot_sent(at);
+                sh.peer(i).sent = at;
+                last_progress = Instant::now();
+                inconsistent_since = None;
+                continue;
+            }
+        } else {
+            inconsistent_since = None;
         }
         if sender.received() != last_received || sender.sent_through() == sender.received() {
             last_received = sender.received();
