@@ -84,6 +84,8 @@ pub enum EntryKind {
     Dir,
     File,
     Symlink,
+    /// Another name of a file sent earlier (`target` is its first path).
+    Link,
 }
 
 impl Message {

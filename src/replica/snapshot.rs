@@ -97,6 +97,24 @@ impl SnapshotApplier {
                     size,
                 })?;
             }
+            EntryKind::Link => {
+                if old.is_some() {
+                    self.remove(path)?;
+                }
+                if !self.seen.contains(target) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "snapshot link to a path without its entry",
+                    ));
+                }
+                self.apply(Op::Link {
+                    existing: target.to_vec(),
+                    path: p.clone(),
+                })?;
+                self.seen.insert(p);
+                self.entries += 1;
+                return Ok(());
+            }
             EntryKind::Symlink => {
                 if old.is_some() {
                     self.remove(path)?;

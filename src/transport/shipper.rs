@@ -718,12 +718,30 @@ async fn stream(
 }
 
 /// (path, kind, metadata, symlink target)
-type SnapshotItem = (Vec<u8>, EntryKind, std::fs::Metadata, Vec<u8>);
+/// (path, kind, metadata, symlink target or hard-link source, open file)
+type SnapshotItem = (
+    Vec<u8>,
+    EntryKind,
+    std::fs::Metadata,
+    Vec<u8>,
+    Option<std::fs::File>,
+);
 
-/// Entries of the backing dir for a snapshot, parents first.
-fn snapshot_entries(cu: &CatchUp, hidden: Option<&[u8]>) -> std::io::Result<Vec<SnapshotItem>> {
+/// Entries of the backing dir for a snapshot, parents first, and the journal
+/// seq they stand for. The names are listed and every regular file opened
+/// under the volume's exclusive namespace lock, so the listing is exactly the
+/// namespace at that seq; contents are read later through the open files (by
+/// inode, whatever renames follow), which the tolerant replay makes right.
+fn snapshot_entries(
+    cu: &CatchUp,
+    hidden: Option<&[u8]>,
+) -> std::io::Result<(u64, Vec<SnapshotItem>)> {
     use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let rec = cu.volume.recorder();
+    let _ns = rec.map(|r| r.namespace_lock());
+    let at = rec.map(|r| r.journal().last_seq()).unwrap_or(0);
+    let mut links: std::collections::HashMap<(u64, u64), Vec<u8>> = Default::default();
     let mut out = Vec::new();
     let mut stack = vec![Vec::<u8>::new()];
     while let Some(dir) = stack.pop() {
@@ -748,9 +766,20 @@ fn snapshot_entries(cu: &CatchUp, hidden: Option<&[u8]>) -> std::io::Result<Vec<
             let ft = m.file_type();
             if ft.is_dir() {
                 subdirs.push(rel.clone());
-                out.push((rel, EntryKind::Dir, m, Vec::new()));
+                out.push((rel, EntryKind::Dir, m, Vec::new(), None));
             } else if ft.is_file() {
-                out.push((rel, EntryKind::File, m, Vec::new()));
+                if m.nlink() > 1 {
+                    if let Some(first) = links.get(&(m.dev(), m.ino())) {
+                        out.push((rel, EntryKind::Link, m, first.clone(), None));
+                        continue;
+                    }
+                    links.insert((m.dev(), m.ino()), rel.clone());
+                }
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(e.path())?;
+                out.push((rel, EntryKind::File, m, Vec::new(), Some(f)));
             } else if ft.is_symlink() {
                 let t = std::fs::read_link(e.path())?;
                 out.push((
@@ -758,13 +787,29 @@ fn snapshot_entries(cu: &CatchUp, hidden: Option<&[u8]>) -> std::io::Result<Vec<
                     EntryKind::Symlink,
                     m,
                     t.as_os_str().as_bytes().to_vec(),
+                    None,
                 ));
             }
         }
         // Depth-first, parents already listed.
         stack.extend(subdirs.into_iter().rev());
     }
-    Ok(out)
+    Ok((at, out))
+}
+
+/// Lets a snapshot hold one open file per regular file of the tree.
+fn raise_fd_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
 }
 
 /// Sends a fuzzy snapshot of the backing dir; returns the seq it starts after.
@@ -777,16 +822,17 @@ async fn send_snapshot(
     throttle: &mut Throttle,
 ) -> Result<u64, String> {
     use std::os::unix::fs::{FileExt, MetadataExt};
-    let at = sh.journal.last_seq();
-    info!(peer = %sh.peers[i].0.address, at, "fresh replica: sending a full snapshot");
-    write_message(send, &Message::SnapshotBegin { at }).await?;
+    raise_fd_limit();
     let (cu2, hidden) = (cu.clone(), sh.hidden.clone());
-    let entries = tokio::task::spawn_blocking(move || snapshot_entries(&cu2, hidden.as_deref()))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("snapshot: cannot list the backing dir: {e}"))?;
+    let (at, entries) =
+        tokio::task::spawn_blocking(move || snapshot_entries(&cu2, hidden.as_deref()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("snapshot: cannot list the backing dir: {e}"))?;
+    info!(peer = %sh.peers[i].0.address, at, entries = entries.len(), "sending a full snapshot");
+    write_message(send, &Message::SnapshotBegin { at }).await?;
     let (mut files, mut bytes) = (0u64, 0u64);
-    for (path, kind, m, target) in entries {
+    for (path, kind, m, target, file) in entries {
         let entry = Message::SnapshotEntry {
             path: path.clone(),
             kind,
@@ -794,7 +840,7 @@ async fn send_snapshot(
             uid: m.uid(),
             gid: m.gid(),
             size: m.len(),
-            xattrs: if kind == EntryKind::Symlink {
+            xattrs: if matches!(kind, EntryKind::Symlink | EntryKind::Link) {
                 Vec::new()
             } else {
                 use std::os::unix::ffi::OsStrExt;
@@ -810,12 +856,8 @@ async fn send_snapshot(
             continue;
         }
         files += 1;
-        let abs = {
-            use std::os::unix::ffi::OsStrExt;
-            cu.backing.join(std::ffi::OsStr::from_bytes(&path))
-        };
-        let Ok(f) = std::fs::File::open(&abs) else {
-            continue; // gone since the listing: the stream will say so
+        let Some(f) = file else {
+            continue;
         };
         let f = Arc::new(f);
         let mut offset = 0u64;
