@@ -462,4 +462,30 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn remove_covered_keeps_what_lies_outside() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let d = DirtyList::new(db.open_tree("dirty").unwrap());
+        d.add_range(b"f", 0, 10).unwrap();
+        d.add_range(b"f", 100, 10).unwrap();
+        d.add_range(b"fg", 0, 10).unwrap();
+        d.remove_covered(&DirtyRegion {
+            path: b"f".to_vec(),
+            offset: 0,
+            len: 50,
+        })
+        .unwrap();
+        let r = d.regions().unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].path.as_slice(), r[0].offset), (&b"f"[..], 100));
+        assert_eq!(r[1].path, b"fg".to_vec());
+        d.remove_covered(&DirtyRegion {
+            path: b"f".to_vec(),
+            offset: 0,
+            len: WHOLE_FILE,
+        })
+        .unwrap();
+        assert_eq!(d.regions().unwrap().len(), 1);
+    }
 }
