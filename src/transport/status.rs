@@ -146,8 +146,14 @@ pub fn render(s: &Status) -> String {
     for p in &s.peers {
         out.push_str(&format!(
             "peer {} ({})\n  {}{}{}\n  sent {}  received {}  applied {}\n  lag {} records, {}, {:.2} s\n  throughput {}/s  wire {}  payload {}\n",
-            p.address,
-            if p.fingerprint.len() > 16 { &p.fingerprint[..16] } else { &p.fingerprint },
+            if p.address.is_empty() { "-" } else { &p.address },
+            if p.fingerprint.len() > 16 {
+                &p.fingerprint[..16]
+            } else if p.fingerprint.is_empty() {
+                "no primary yet"
+            } else {
+                &p.fingerprint
+            },
             if p.connected { "connected, " } else { "not connected, " },
             p.state,
             p.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default(),
