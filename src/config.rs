@@ -33,6 +33,62 @@ pub struct Config {
     /// Globs of paths never journaled or replicated. Default none.
     pub exclude: Vec<String>,
     pub journal: JournalConfig,
+    /// Replicas this mount streams to. Default none.
+    pub peers: Vec<PeerConfig>,
+    /// How the mount replicates.
+    pub replication: ReplicationConfig,
+    /// Settings of `replicafs replica`.
+    pub replica: ReplicaConfig,
+}
+
+/// One replica: `{ address = "host:port", fingerprint = "<64 hex digits>" }`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub address: String,
+    /// SHA-256 of the replica's certificate (`replicafs keygen` prints it).
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// zstd level for batches (1..=22); 0 sends raw. Default 3.
+    pub compression_level: i32,
+    /// Wire bytes per second per peer; 0 is unlimited. Default 0.
+    pub bandwidth_limit: u64,
+    /// Most payload bytes per batch. Default 4 MiB.
+    pub batch_bytes: usize,
+    /// Most records per batch. Default 4096.
+    pub batch_records: usize,
+    /// Most wire bytes in flight (sent, not yet stored by the peer). Default 64 MiB.
+    pub window_bytes: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            compression_level: 3,
+            bandwidth_limit: 0,
+            batch_bytes: 4 << 20,
+            batch_records: 4096,
+            window_bytes: 64 << 20,
+        }
+    }
+}
+
+/// `replicafs replica` settings (flags override them).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaConfig {
+    /// The directory the primary's files are replicated into.
+    pub mirror: Option<PathBuf>,
+    /// UDP address to listen on, e.g. "0.0.0.0:7070".
+    pub listen: Option<String>,
+    /// Fingerprints of the primaries allowed in.
+    pub trust: Vec<String>,
+    /// Where to present the mirror read-only (optional).
+    pub mount: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -66,6 +122,9 @@ impl Default for Config {
             passthrough: false,
             exclude: Vec::new(),
             journal: JournalConfig::default(),
+            peers: Vec::new(),
+            replication: ReplicationConfig::default(),
+            replica: ReplicaConfig::default(),
         }
     }
 }
@@ -118,6 +177,19 @@ impl Config {
         }
         Exclusions::new(&self.exclude)?;
         self.journal.options.validate()?;
+        for p in &self.peers {
+            crate::transport::shipper::Peer::parse(&format!("{}={}", p.address, p.fingerprint))?;
+        }
+        for t in &self.replica.trust {
+            crate::transport::tls::Fingerprint::parse(t)?;
+        }
+        let r = &self.replication;
+        if !(0..=22).contains(&r.compression_level) {
+            return Err("replication.compression_level must be 0..=22".into());
+        }
+        if r.batch_records == 0 || r.batch_bytes < 4096 || r.window_bytes < r.batch_bytes as u64 {
+            return Err("replication: batch_records >= 1, batch_bytes >= 4096 and window_bytes >= batch_bytes".into());
+        }
         Ok(())
     }
 }
@@ -164,6 +236,25 @@ sync_activity_log = false
             .unwrap_err()
             .to_string();
         assert!(e.contains("cap"), "{e}");
+    }
+
+    #[test]
+    fn replication_settings_parse() {
+        let fp = "ab".repeat(32);
+        let c = Config::parse(
+            &format!(
+                "peers = [{{ address = \"10.0.0.2:7070\", fingerprint = \"{fp}\" }}]\n[replication]\ncompression_level = 5\nbandwidth_limit = 1000000\n[replica]\nmirror = \"/srv/mirror\"\nlisten = \"0.0.0.0:7070\"\ntrust = [\"{fp}\"]\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.replication.compression_level, 5);
+        assert_eq!(c.replica.trust.len(), 1);
+        assert!(
+            Config::parse("peers = [{ address = \"a:1\", fingerprint = \"xx\" }]", "t").is_err()
+        );
+        assert!(Config::parse("[replication]\nlevel = 1", "t").is_err());
     }
 
     #[test]

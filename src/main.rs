@@ -10,6 +10,11 @@ use replicafs::fuse::FuseOptions;
 use replicafs::journal::apply::Applier;
 use replicafs::journal::{Journal, Op};
 use replicafs::mount::{self, MountOptions, STATE_DIR_NAME};
+use replicafs::protocol::SenderConfig;
+use replicafs::transport::catchup::{CatchUp, WholeRegions};
+use replicafs::transport::shipper::{Peer, Shipper, ShipperOptions};
+use replicafs::transport::status::{self, Status, StatusServer};
+use replicafs::transport::tls::{Fingerprint, Identity};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +36,48 @@ enum Command {
         #[command(subcommand)]
         command: JournalCommand,
     },
+    /// Create this node's certificate and key in the state dir; print its fingerprint.
+    Keygen {
+        #[command(flatten)]
+        state: StateArgs,
+        /// Replace an existing identity.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Receive a primary's changes into a mirror directory.
+    Replica(ReplicaArgs),
+    /// Replication status of the daemon (mount or replica) using a state dir.
+    Status {
+        #[command(flatten)]
+        state: StateArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a primary and a replica on 127.0.0.1 in a local folder and show replication.
+    Demo(replicafs::demo::DemoArgs),
+}
+
+#[derive(Args)]
+struct ReplicaArgs {
+    /// TOML configuration file (its [replica] table); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The directory the primary's files are replicated into.
+    #[arg(long)]
+    mirror: Option<PathBuf>,
+    /// UDP address to listen on (e.g. 0.0.0.0:7070).
+    #[arg(long)]
+    listen: Option<String>,
+    /// The replica's state (identity, receive log, applied seq).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Fingerprint of a primary allowed in (repeatable).
+    #[arg(long = "trust", value_name = "FINGERPRINT")]
+    trust: Vec<String>,
+    /// Present the mirror read-only at this (empty) directory.
+    #[arg(long, value_name = "MOUNTPOINT")]
+    mount: Option<PathBuf>,
 }
 
 type BoxError = Box<dyn std::error::Error>;
@@ -75,6 +122,9 @@ struct MountArgs {
     /// Journal cap in bytes [default: 8 GiB].
     #[arg(long, value_name = "BYTES")]
     journal_cap: Option<u64>,
+    /// Replicate to this replica (repeatable; adds to the config's `peers`).
+    #[arg(long = "peer", value_name = "ADDR=FINGERPRINT")]
+    peer: Vec<String>,
 }
 
 #[derive(Args)]
@@ -133,6 +183,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Mount(args) => run_mount(args),
         Command::Journal { command } => run_journal(command),
+        Command::Keygen { state, force } => run_keygen(&state.state_dir, force),
+        Command::Replica(args) => run_replica(args),
+        Command::Status { state, json } => run_status(&state.state_dir, json),
+        Command::Demo(args) => replicafs::demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -186,7 +240,64 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
         None => Config::default(),
     };
     let opts = mount_options(&args, &config)?;
+    let mut peers = Vec::new();
+    for p in &config.peers {
+        peers.push(Peer::parse(&format!("{}={}", p.address, p.fingerprint))?);
+    }
+    for p in &args.peer {
+        peers.push(Peer::parse(p)?);
+    }
+    if !peers.is_empty() && opts.journal.is_none() {
+        return Err("replication needs the journal: drop --no-journal or the peers".into());
+    }
+    // Before the mount opens the journal: did it close cleanly last time?
+    let journal_dir = replicafs::journal::journal_dir(
+        &opts
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| opts.backing.join(STATE_DIR_NAME)),
+    );
+    let unclean = journal_dir.is_dir() && !journal_dir.join("CLEAN").exists();
     let mounted = mount::mount(&opts)?;
+    let state_dir = mounted.checked.state_dir.clone();
+    let shipper = match mounted.journal() {
+        Some(j) if !peers.is_empty() => {
+            let r = &config.replication;
+            Some(Shipper::start(
+                j.clone(),
+                &state_dir,
+                ShipperOptions {
+                    peers,
+                    compression_level: r.compression_level,
+                    bandwidth_limit: r.bandwidth_limit,
+                    sender: SenderConfig {
+                        batch_bytes: r.batch_bytes,
+                        batch_records: r.batch_records,
+                        window_bytes: r.window_bytes,
+                    },
+                    snapshot_first: unclean,
+                },
+                Some(CatchUp {
+                    volume: mounted.volume.clone(),
+                    backing: mounted.checked.backing.clone(),
+                    source: Box::new(WholeRegions),
+                }),
+            )?)
+        }
+        _ => None,
+    };
+    let _status = match &shipper {
+        Some(s) => StatusServer::start(&state_dir, s.status_fn()),
+        None => {
+            let journal = mounted.journal().cloned();
+            StatusServer::start(&state_dir, move || Status {
+                role: "primary".into(),
+                last_seq: journal.as_ref().map(|j| j.last_seq()).unwrap_or(0),
+                peers: vec![],
+            })
+        }
+    }
+    .map_err(|e| format!("status socket: {e}"))?;
     let config_path = args.config.clone();
     let cli_excludes = args.exclude.clone();
     mounted.run_until_signal(move || {
@@ -204,6 +315,104 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
         }
     })?;
     Ok(())
+}
+
+fn run_keygen(state_dir: &Path, force: bool) -> Result<(), BoxError> {
+    let id = Identity::generate()?;
+    id.save(state_dir, force)?;
+    println!("{}", id.fingerprint());
+    Ok(())
+}
+
+fn run_status(state_dir: &Path, json: bool) -> Result<(), BoxError> {
+    let s = status::query(state_dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", status::render(&s));
+    }
+    Ok(())
+}
+
+fn run_replica(args: ReplicaArgs) -> Result<(), BoxError> {
+    use replicafs::replica::Replica;
+    use replicafs::transport::server::{self, ReplicaServer};
+    use std::sync::Arc;
+    let config = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let rc = &config.replica;
+    let mirror = args
+        .mirror
+        .clone()
+        .or(rc.mirror.clone())
+        .ok_or("no mirror: give --mirror DIR or set [replica] mirror")?;
+    let listen = args
+        .listen
+        .clone()
+        .or(rc.listen.clone())
+        .ok_or("no listen address: give --listen ADDR or set [replica] listen")?;
+    let listen: std::net::SocketAddr = listen
+        .parse()
+        .map_err(|e| format!("--listen {listen}: {e} (want IP:PORT)"))?;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .or(config.state_dir.clone())
+        .ok_or("no state dir: give --state-dir DIR")?;
+    let mut trust = Vec::new();
+    for t in rc.trust.iter().chain(args.trust.iter()) {
+        trust.push(Fingerprint::parse(t)?);
+    }
+    let mountpoint = args.mount.clone().or(rc.mount.clone());
+    let id = Identity::load(&state_dir)?;
+    let replica = Arc::new(Replica::open(&state_dir, &mirror)?);
+    let srv = ReplicaServer::new(replica.clone());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("replicafs-recv")
+        .enable_all()
+        .build()?;
+    let endpoint = {
+        let _g = rt.enter();
+        server::endpoint(listen, &id, trust)?
+    };
+    rt.spawn(server::serve(endpoint.clone(), srv.clone()));
+    let s2 = srv.clone();
+    let _status = StatusServer::start(&state_dir, move || s2.status())
+        .map_err(|e| format!("status socket: {e}"))?;
+    tracing::info!(
+        %listen,
+        fingerprint = %id.fingerprint(),
+        mirror = %replica.mirror().display(),
+        "replica listening"
+    );
+    let result: Result<(), BoxError> = match mountpoint {
+        Some(mp) => {
+            let mut opts = MountOptions::new(replica.mirror().to_path_buf(), mp);
+            opts.read_only = true;
+            opts.journal = None;
+            opts.state_dir = Some(state_dir.clone());
+            opts.fuse = FuseOptions {
+                writeback_cache: false,
+                passthrough: config.passthrough,
+            };
+            let mounted = mount::mount(&opts)?;
+            mounted.run_until_signal(|| None).map_err(Into::into)
+        }
+        None => {
+            use signal_hook::consts::{SIGINT, SIGTERM};
+            let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+            let sig = signals.forever().next();
+            tracing::info!(signal = ?sig, "signal received; stopping");
+            Ok(())
+        }
+    };
+    endpoint.close(quinn::VarInt::from_u32(0), b"replica shutting down");
+    replica.stop();
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }
 
 fn open_journal(state_dir: &Path) -> Result<Journal, BoxError> {

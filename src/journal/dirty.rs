@@ -167,6 +167,36 @@ impl DirtyList {
         Ok(())
     }
 
+    /// Forgets the entries of `region.path` that lie wholly inside `region`
+    /// (a catch-up sent them); entries added meanwhile outside it stay.
+    pub fn remove_covered(&self, region: &DirtyRegion) -> sled::Result<()> {
+        let mut prefix = region.path.clone();
+        prefix.push(0);
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            if k.len() != prefix.len() + 8 {
+                continue;
+            }
+            let offset = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+            let len = v
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or(WHOLE_FILE);
+            let covered = region.is_whole()
+                || (len != WHOLE_FILE
+                    && offset >= region.offset
+                    && offset.saturating_add(len) <= region.end());
+            if covered {
+                // Only if unchanged meanwhile (a widened entry stays dirty).
+                let _ = self
+                    .tree
+                    .compare_and_swap(&k, Some(v), None as Option<&[u8]>)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets every region (after a resync repaired them).
     pub fn clear(&self) -> sled::Result<()> {
         self.tree.clear()
@@ -431,5 +461,31 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn remove_covered_keeps_what_lies_outside() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let d = DirtyList::new(db.open_tree("dirty").unwrap());
+        d.add_range(b"f", 0, 10).unwrap();
+        d.add_range(b"f", 100, 10).unwrap();
+        d.add_range(b"fg", 0, 10).unwrap();
+        d.remove_covered(&DirtyRegion {
+            path: b"f".to_vec(),
+            offset: 0,
+            len: 50,
+        })
+        .unwrap();
+        let r = d.regions().unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].path.as_slice(), r[0].offset), (&b"f"[..], 100));
+        assert_eq!(r[1].path, b"fg".to_vec());
+        d.remove_covered(&DirtyRegion {
+            path: b"f".to_vec(),
+            offset: 0,
+            len: WHOLE_FILE,
+        })
+        .unwrap();
+        assert_eq!(d.regions().unwrap().len(), 1);
     }
 }

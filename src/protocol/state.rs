@@ -1,0 +1,453 @@
+//! The two ends' state machines, free of I/O: the transport feeds them decoded
+//! messages and does what they return.
+
+use std::collections::VecDeque;
+
+use super::frame::FrameError;
+use super::message::{Message, decode_records, encode_records};
+use crate::journal::record::{self, Op, Record};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("unexpected {got} message while {state}")]
+    Unexpected {
+        got: &'static str,
+        state: &'static str,
+    },
+    #[error("records out of order: expected a batch from seq {expected}, got {first}..={last}")]
+    OutOfOrder {
+        expected: u64,
+        first: u64,
+        last: u64,
+    },
+    #[error("bad record in batch: {0}")]
+    Record(#[from] record::FrameError),
+    #[error("record seq {seq} outside its batch {first}..={last} or not increasing")]
+    RecordSeq { seq: u64, first: u64, last: u64 },
+    #[error(
+        "ack went backwards or beyond what was sent (received {received}, applied {applied}, sent {sent})"
+    )]
+    BadAck {
+        received: u64,
+        applied: u64,
+        sent: u64,
+    },
+    #[error(
+        "the mirror belongs to another volume ({theirs:#018x}, this primary is {ours:#018x}); give the replica an empty mirror and state dir"
+    )]
+    VolumeMismatch { ours: u64, theirs: u64 },
+    #[error("peer closed the connection: {0}")]
+    Remote(String),
+}
+
+/// Batching limits of a sender.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// Most payload bytes in one batch.
+    pub batch_bytes: usize,
+    /// Most records in one batch.
+    pub batch_records: usize,
+    /// Most wire bytes sent and not yet acknowledged as received.
+    pub window_bytes: u64,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            batch_bytes: 4 << 20,
+            batch_records: 4096,
+            window_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SenderState {
+    AwaitWelcome,
+    Streaming,
+}
+
+/// The primary's end of one connection.
+#[derive(Debug)]
+pub struct Sender {
+    pub config: SenderConfig,
+    volume_id: u64,
+    state: SenderState,
+    /// Next seq to put in a batch.
+    next_seq: u64,
+    received: u64,
+    applied: u64,
+    /// (last seq, wire bytes) of batches not yet acknowledged as received.
+    inflight: VecDeque<(u64, u64)>,
+    inflight_bytes: u64,
+    remote_error: Option<String>,
+}
+
+/// What an incoming message changed, for the transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderEvent {
+    /// Handshake done: stream from this seq.
+    Resume { from: u64 },
+    /// The replica's progress moved (or its error changed).
+    Progress,
+}
+
+impl Sender {
+    pub fn new(volume_id: u64, config: SenderConfig) -> Sender {
+        Sender {
+            config,
+            volume_id,
+            state: SenderState::AwaitWelcome,
+            next_seq: 1,
+            received: 0,
+            applied: 0,
+            inflight: VecDeque::new(),
+            inflight_bytes: 0,
+            remote_error: None,
+        }
+    }
+
+    pub fn hello(&self, last_seq: u64) -> Message {
+        Message::Hello {
+            volume_id: self.volume_id,
+            last_seq,
+        }
+    }
+
+    pub fn state(&self) -> SenderState {
+        self.state
+    }
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+    pub fn sent_through(&self) -> u64 {
+        self.next_seq.saturating_sub(1)
+    }
+    pub fn remote_error(&self) -> Option<&str> {
+        self.remote_error.as_deref()
+    }
+
+    pub fn handle(&mut self, msg: Message) -> Result<SenderEvent, ProtocolError> {
+        match (self.state, msg) {
+            (
+                SenderState::AwaitWelcome,
+                Message::Welcome {
+                    volume_id,
+                    received,
+                    applied,
+                },
+            ) => {
+                if volume_id != self.volume_id {
+                    return Err(ProtocolError::VolumeMismatch {
+                        ours: self.volume_id,
+                        theirs: volume_id,
+                    });
+                }
+                if applied > received || received == u64::MAX {
+                    return Err(ProtocolError::BadAck {
+                        received,
+                        applied,
+                        sent: received,
+                    });
+                }
+                self.received = received;
+                self.applied = applied;
+                self.next_seq = received + 1;
+                self.state = SenderState::Streaming;
+                Ok(SenderEvent::Resume {
+                    from: self.next_seq,
+                })
+            }
+            (
+                SenderState::Streaming,
+                Message::Ack {
+                    received,
+                    applied,
+                    error,
+                },
+            ) => {
+                let sent = self.sent_through();
+                if received < self.received
+                    || applied < self.applied
+                    || received > sent
+                    || applied > received
+                {
+                    return Err(ProtocolError::BadAck {
+                        received,
+                        applied,
+                        sent,
+                    });
+                }
+                self.received = received;
+                self.applied = applied;
+                self.remote_error = error;
+                while let Some(&(last, bytes)) = self.inflight.front() {
+                    if last > received {
+                        break;
+                    }
+                    self.inflight.pop_front();
+                    self.inflight_bytes -= bytes;
+                }
+                Ok(SenderEvent::Progress)
+            }
+            (_, Message::Goodbye { reason }) => Err(ProtocolError::Remote(reason)),
+            (state, m) => Err(ProtocolError::Unexpected {
+                got: m.name(),
+                state: match state {
+                    SenderState::AwaitWelcome => "waiting for welcome",
+                    SenderState::Streaming => "streaming",
+                },
+            }),
+        }
+    }
+
+    /// The seq the next batch starts at, if the window lets another batch out.
+    pub fn wants(&self) -> Option<u64> {
+        (self.state == SenderState::Streaming && self.inflight_bytes < self.config.window_bytes)
+            .then_some(self.next_seq)
+    }
+
+    /// A batch of `records` (seqs from [`Sender::wants`] through `through`, some
+    /// possibly absent), overwrites coalesced.
+    pub fn batch(&mut self, records: Vec<Record>, through: u64, primary_last: u64) -> Message {
+        let first = self.next_seq;
+        let records = coalesce(records);
+        self.next_seq = through + 1;
+        Message::Batch {
+            first,
+            last: through,
+            primary_last,
+            frames: encode_records(&records),
+        }
+    }
+
+    /// A fresh replica (nothing received, nothing applied) gets a snapshot
+    /// before the stream. (A replica that is behind records the journal no
+    /// longer has gets one too, at the transport's decision.)
+    pub fn needs_snapshot(&self) -> bool {
+        self.state == SenderState::Streaming && self.received == 0 && self.applied == 0
+    }
+
+    /// The snapshot taken after seq `at` is on the wire: stream from `at + 1`.
+    pub fn snapshot_sent(&mut self, at: u64) {
+        self.next_seq = at + 1;
+    }
+
+    /// The transport put a batch ending at `last` on the wire (`wire_bytes` long).
+    pub fn sent(&mut self, last: u64, wire_bytes: u64) {
+        self.inflight.push_back((last, wire_bytes));
+        self.inflight_bytes += wire_bytes;
+    }
+}
+
+/// Drops writes whose bytes a later write of the same path in the same run of
+/// data records overwrites entirely. A namespace record ends a run (paths may
+/// change meaning across it). The batch is applied as a unit, so the replica
+/// never rests in a state between the dropped write and the one that covers it.
+pub fn coalesce(records: Vec<Record>) -> Vec<Record> {
+    let mut keep = vec![true; records.len()];
+    // Per path, the ranges later writes of the current run cover.
+    let mut later: std::collections::HashMap<&[u8], Vec<(u64, u64)>> = Default::default();
+    for (i, r) in records.iter().enumerate().rev() {
+        if r.op.is_namespace() {
+            later.clear();
+            continue;
+        }
+        if let Op::Write { path, offset } = &r.op {
+            let end = offset.saturating_add(r.data.len() as u64);
+            let ranges = later.entry(path.as_slice()).or_default();
+            if !r.data.is_empty() && ranges.iter().any(|&(s, e)| s <= *offset && end <= e) {
+                keep[i] = false;
+            } else if ranges.len() < 64 {
+                ranges.push((*offset, end));
+            }
+        }
+    }
+    records
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(r, k)| k.then_some(r))
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiverState {
+    AwaitHello,
+    Streaming,
+}
+
+/// What the transport must do after a message reached the replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverEvent {
+    /// Persist `volume_id` (when `adopt`) and send the reply.
+    Welcome {
+        volume_id: u64,
+        adopt: bool,
+        reply: Message,
+    },
+    /// A snapshot message to apply to the mirror (begin, entry, data).
+    Snapshot(Message),
+    /// The snapshot is complete: the mirror is at `at`, tolerant through
+    /// `lenient_through`; acknowledge with [`Receiver::progress`].
+    SnapshotEnd { at: u64, lenient_through: u64 },
+    /// Store these records durably, then call [`Receiver::stored`].
+    Store {
+        first: u64,
+        last: u64,
+        records: Vec<Record>,
+        /// The batch's journal frames as received (checked), for the log.
+        frames: Vec<u8>,
+        primary_last: u64,
+    },
+}
+
+/// The replica's end of one connection.
+#[derive(Debug)]
+pub struct Receiver {
+    state: ReceiverState,
+    volume_id: Option<u64>,
+    /// Next seq a batch must start at.
+    expected: u64,
+    received: u64,
+    applied: u64,
+    in_snapshot: bool,
+}
+
+impl Receiver {
+    /// `volume_id` is the mirror's owner (None for a fresh mirror).
+    pub fn new(volume_id: Option<u64>, received: u64, applied: u64) -> Receiver {
+        Receiver {
+            state: ReceiverState::AwaitHello,
+            volume_id,
+            expected: received + 1,
+            received,
+            applied,
+            in_snapshot: false,
+        }
+    }
+
+    pub fn state(&self) -> ReceiverState {
+        self.state
+    }
+
+    pub fn handle(&mut self, msg: Message) -> Result<ReceiverEvent, ProtocolError> {
+        match (self.state, msg) {
+            (ReceiverState::AwaitHello, Message::Hello { volume_id, .. }) => {
+                let fresh = self.received == 0 && self.applied == 0;
+                let adopt = match self.volume_id {
+                    Some(v) if v == volume_id => false,
+                    Some(v) if !fresh => {
+                        return Err(ProtocolError::VolumeMismatch {
+                            ours: v,
+                            theirs: volume_id,
+                        });
+                    }
+                    _ => true,
+                };
+                self.volume_id = Some(volume_id);
+                self.state = ReceiverState::Streaming;
+                Ok(ReceiverEvent::Welcome {
+                    volume_id,
+                    adopt,
+                    reply: Message::Welcome {
+                        volume_id,
+                        received: self.received,
+                        applied: self.applied,
+                    },
+                })
+            }
+            (ReceiverState::Streaming, m @ Message::SnapshotBegin { at })
+                if !self.in_snapshot && at >= self.expected - 1 && at < u64::MAX =>
+            {
+                self.in_snapshot = true;
+                Ok(ReceiverEvent::Snapshot(m))
+            }
+            (
+                ReceiverState::Streaming,
+                m @ (Message::SnapshotEntry { .. } | Message::SnapshotData { .. }),
+            ) if self.in_snapshot => Ok(ReceiverEvent::Snapshot(m)),
+            (
+                ReceiverState::Streaming,
+                Message::SnapshotEnd {
+                    at,
+                    lenient_through,
+                },
+            ) if self.in_snapshot && lenient_through >= at && at < u64::MAX => {
+                self.in_snapshot = false;
+                self.expected = at + 1;
+                self.received = at;
+                self.applied = at;
+                Ok(ReceiverEvent::SnapshotEnd {
+                    at,
+                    lenient_through,
+                })
+            }
+            (
+                ReceiverState::Streaming,
+                Message::Batch {
+                    first,
+                    last,
+                    primary_last,
+                    frames,
+                },
+            ) if !self.in_snapshot => {
+                if first != self.expected || last < first || last == u64::MAX {
+                    return Err(ProtocolError::OutOfOrder {
+                        expected: self.expected,
+                        first,
+                        last,
+                    });
+                }
+                let records = decode_records(&frames)?;
+                let mut prev = first - 1;
+                for r in &records {
+                    if r.seq <= prev || r.seq > last {
+                        return Err(ProtocolError::RecordSeq {
+                            seq: r.seq,
+                            first,
+                            last,
+                        });
+                    }
+                    prev = r.seq;
+                }
+                self.expected = last + 1;
+                Ok(ReceiverEvent::Store {
+                    first,
+                    last,
+                    records,
+                    frames,
+                    primary_last,
+                })
+            }
+            (_, Message::Goodbye { reason }) => Err(ProtocolError::Remote(reason)),
+            (state, m) => Err(ProtocolError::Unexpected {
+                got: m.name(),
+                state: match state {
+                    ReceiverState::AwaitHello => "waiting for hello",
+                    ReceiverState::Streaming => "streaming",
+                },
+            }),
+        }
+    }
+
+    /// The records through `last` are durable: the acknowledgement to send.
+    pub fn stored(&mut self, last: u64, applied: u64, error: Option<String>) -> Message {
+        self.progress(last, applied, error)
+    }
+
+    /// Progress to report (monotonic: never goes back).
+    pub fn progress(&mut self, received: u64, applied: u64, error: Option<String>) -> Message {
+        self.received = self.received.max(received);
+        self.applied = self.applied.max(applied).min(self.received);
+        Message::Ack {
+            received: self.received,
+            applied: self.applied,
+            error,
+        }
+    }
+}
