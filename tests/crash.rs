@@ -42,6 +42,7 @@ impl MountProc {
             .arg(config)
             .env("REPLICAFS_LOG", "warn")
             .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn replicafs mount");
         let p = MountProc {
@@ -70,8 +71,13 @@ impl MountProc {
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let status = c.wait().expect("wait");
-            assert!(status.success(), "mount exited with {status}");
+            let out = c.wait_with_output().expect("wait");
+            assert!(
+                out.status.success(),
+                "mount exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         assert!(!is_mounted(&self.mnt));
     }

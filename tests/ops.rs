@@ -2469,7 +2469,11 @@ fn unprivileged_write_and_truncate_clear_set_id_bits() {
         assert!(ok, "{script}: {stderr}");
         let mode = fs::metadata(m.path(name)).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, 0o0777, "{script} left set-id bits");
-        let backing = fs::metadata(m.backing_path(name)).unwrap().permissions().mode() & 0o7777;
+        let backing = fs::metadata(m.backing_path(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777;
         assert_eq!(backing, 0o0777);
     }
     // Root (CAP_FSETID) keeps them, as on a local filesystem.

@@ -217,6 +217,8 @@ pub type Extent = (Vec<u8>, u64);
 pub struct ActivityLog {
     path: PathBuf,
     file: File,
+    /// Preallocated size of the file; entries end at `file_len`, zeros follow.
+    capacity: u64,
     file_len: u64,
     /// Hot extents with the tick of their last activation (for LRU retirement).
     hot: HashMap<Extent, u64>,
@@ -228,6 +230,24 @@ pub struct ActivityLog {
 }
 
 const ACTIVATE: u8 = 1;
+/// Initial preallocated size of the activity log file.
+const AL_CAPACITY: u64 = 4 << 20;
+
+fn preallocate(file: &File, len: u64) -> io::Result<()> {
+    preallocate_from(file, 0, len)
+}
+
+fn preallocate_from(file: &File, from: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < len {
+        let n = zeros.len().min((len - at) as usize);
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
 const RETIRE: u8 = 2;
 
 fn encode_entry(kind: u8, extent: &Extent, out: &mut Vec<u8>) {
@@ -285,16 +305,21 @@ impl ActivityLog {
             leftover = hot.into_keys().collect();
             leftover.sort();
         }
+        // Preallocated and zero-filled: appends then overwrite blocks the file
+        // already has, so their fdatasync needs no filesystem-journal commit
+        // (which on ext4 would also flush every other file's pending data).
         let file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
             .open(path)?;
+        preallocate(&file, AL_CAPACITY)?;
         file.sync_all()?;
         Ok((
             ActivityLog {
                 path: path.to_owned(),
                 file,
+                capacity: AL_CAPACITY,
                 file_len: 0,
                 hot: HashMap::new(),
                 tick: 0,
@@ -333,8 +358,7 @@ impl ActivityLog {
             }
         }
         if !buf.is_empty() {
-            self.file.write_all(&buf)?;
-            self.file_len += buf.len() as u64;
+            self.append(&buf)?;
             if self.sync {
                 self.file.sync_data()?;
             }
@@ -364,10 +388,23 @@ impl ActivityLog {
                 encode_entry(RETIRE, e, &mut buf);
             }
         }
-        if self.file_len > (4 << 20) {
-            return self.compact();
+        self.append(&buf)
+    }
+
+    /// Writes entries after the last one, compacting (and growing) the file
+    /// when the preallocated space runs out.
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if self.file_len + buf.len() as u64 > self.capacity {
+            self.compact()?;
         }
-        self.file.write_all(&buf)?;
+        if self.file_len + buf.len() as u64 > self.capacity {
+            // Even the compacted log is nearly full: double it.
+            self.capacity = (self.capacity * 2).max(self.file_len + buf.len() as u64);
+            preallocate_from(&self.file, self.file_len, self.capacity)?;
+            self.file.sync_all()?;
+        }
+        self.file.write_all_at(buf, self.file_len)?;
         self.file_len += buf.len() as u64;
         Ok(())
     }
@@ -387,13 +424,15 @@ impl ActivityLog {
         }
         let tmp = self.path.with_extension("tmp");
         let mut f = File::create(&tmp)?;
+        self.capacity = self.capacity.max(buf.len() as u64 * 2).max(AL_CAPACITY);
+        preallocate(&f, self.capacity)?;
         f.write_all(&buf)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &self.path)?;
         if let Some(dir) = self.path.parent() {
             super::segment::sync_dir(dir)?;
         }
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.file = f;
         self.file_len = buf.len() as u64;
         Ok(())
     }

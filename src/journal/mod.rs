@@ -106,34 +106,34 @@ pub struct Recovery {
     pub hot_extents: usize,
 }
 
-/// Index entry: where a record's frame is.
+/// Index entry: where the frame of a seq starts. The index is sparse (one entry
+/// per written batch, or per few MiB after a rebuild): frames are
+/// self-describing and consecutive, so a read starts at the nearest entry at or
+/// below the wanted seq and scans forward, across segment files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Location {
     pub segment: u64,
     pub offset: u64,
-    pub len: u32,
-    pub data_len: u32,
 }
 
+/// Distance between index entries written by a rebuild.
+const INDEX_STRIDE: u64 = 4 << 20;
+
 impl Location {
-    fn encode(&self) -> [u8; 24] {
-        let mut b = [0u8; 24];
+    fn encode(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
         b[0..8].copy_from_slice(&self.segment.to_le_bytes());
         b[8..16].copy_from_slice(&self.offset.to_le_bytes());
-        b[16..20].copy_from_slice(&self.len.to_le_bytes());
-        b[20..24].copy_from_slice(&self.data_len.to_le_bytes());
         b
     }
 
     fn decode(b: &[u8]) -> Option<Location> {
-        if b.len() != 24 {
+        if b.len() != 16 {
             return None;
         }
         Some(Location {
             segment: u64::from_le_bytes(b[0..8].try_into().ok()?),
             offset: u64::from_le_bytes(b[8..16].try_into().ok()?),
-            len: u32::from_le_bytes(b[16..20].try_into().ok()?),
-            data_len: u32::from_le_bytes(b[20..24].try_into().ok()?),
         })
     }
 }
@@ -271,17 +271,13 @@ impl Journal {
         let floor = meta_u64(&meta, "trimmed_through").max(meta_u64(&meta, "dropped_through")) + 1;
         let mut next_seq = floor.max(clean_next.unwrap_or(0)).max(1);
         let active = if let Some((last_first, last_path)) = segments.last().cloned() {
-            let index_next = index
-                .last()?
-                .map(|(k, _)| u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])) + 1);
-            let trusted = matches!((clean_next, index_next), (Some(c), Some(i)) if c == i)
-                || (clean_next.is_some() && index_next.is_none());
+            // After a clean close the index and the marker agree; otherwise the
+            // segments are scanned (the index only says where scans start).
+            let trusted = clean_next.is_some();
             if trusted {
                 let len = std::fs::metadata(&last_path)?.len();
-                next_seq = next_seq
-                    .max(index_next.unwrap_or(last_first))
-                    .max(last_first);
-                recovery.records = index.len() as u64;
+                next_seq = next_seq.max(last_first);
+                recovery.records = next_seq.saturating_sub(floor);
                 ActiveSegment::reopen(last_path, last_first, len)?
             } else {
                 // Rebuild the index from the segments: they are the truth.
@@ -292,18 +288,21 @@ impl Journal {
                     let is_last = i + 1 == segments.len();
                     let scan = segment::scan(path, is_last)?;
                     let mut batch = sled::Batch::default();
+                    let mut last_entry: Option<u64> = None;
                     for f in &scan.frames {
                         if f.seq < floor {
                             continue;
                         }
+                        recovery.records += 1;
+                        if last_entry.is_some_and(|o| f.offset - o < INDEX_STRIDE) {
+                            continue;
+                        }
+                        last_entry = Some(f.offset);
                         let loc = Location {
                             segment: *first,
                             offset: f.offset,
-                            len: f.len,
-                            data_len: f.data_len,
                         };
                         batch.insert(&seq_key(f.seq), &loc.encode());
-                        recovery.records += 1;
                     }
                     index.apply_batch(batch)?;
                     let file_len = std::fs::metadata(path)?.len();
@@ -516,25 +515,9 @@ impl Journal {
         }
     }
 
-    pub fn location(&self, seq: u64) -> Option<Location> {
-        self.index
-            .get(seq_key(seq))
-            .ok()
-            .flatten()
-            .and_then(|v| Location::decode(&v))
-    }
-
     /// Reads one record (it must have been written by the writer thread already).
     pub fn read(&self, seq: u64) -> io::Result<Option<Record>> {
-        let Some(loc) = self.location(seq) else {
-            return Ok(None);
-        };
-        segment::read_frame(
-            &segment::segment_path(&self.dir, loc.segment),
-            loc.offset,
-            loc.len,
-        )
-        .map(Some)
+        self.records(seq, seq).next().transpose()
     }
 
     /// Waits until the writer has put every record up to `seq` into its segment.
@@ -553,20 +536,27 @@ impl Journal {
         }
     }
 
-    /// Records with seq in `from..=to`, in order.
-    pub fn records(&self, from: u64, to: u64) -> impl Iterator<Item = io::Result<Record>> + '_ {
-        self.index
-            .range(seq_key(from)..=seq_key(to))
-            .map(move |kv| {
-                let (_, v) = kv.map_err(io::Error::other)?;
-                let loc = Location::decode(&v)
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad index entry"))?;
-                segment::read_frame(
-                    &segment::segment_path(&self.dir, loc.segment),
-                    loc.offset,
-                    loc.len,
-                )
-            })
+    /// Records with seq in `from..=to` that the journal holds, in order (records
+    /// trimmed or dropped are skipped; the caller sees the gap in the seqs).
+    /// Only records the writer has written are read.
+    pub fn records(&self, from: u64, to: u64) -> Records<'_> {
+        let written = self.shared.state.lock().map(|s| s.written).unwrap_or(0);
+        let to = to.min(written);
+        let start = self
+            .index
+            .range(..=seq_key(from.max(1)))
+            .next_back()
+            .or_else(|| self.index.range(seq_key(from.max(1))..).next())
+            .and_then(|kv| kv.ok())
+            .and_then(|(_, v)| Location::decode(&v));
+        Records {
+            journal: self,
+            from,
+            to,
+            next: start,
+            reader: None,
+            done: from > to,
+        }
     }
 
     pub fn stats(&self) -> Stats {
@@ -576,20 +566,26 @@ impl Journal {
             .ok()
             .flatten()
             .and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes));
-        let last = self
-            .index
-            .last()
-            .ok()
-            .flatten()
-            .and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes));
+        let written = self.shared.state.lock().map(|s| s.written).unwrap_or(0);
+        let first = first.map(|f| {
+            f.max(
+                meta_u64(&self.meta, "trimmed_through")
+                    .max(meta_u64(&self.meta, "dropped_through"))
+                    + 1,
+            )
+        });
+        let last = first.filter(|f| *f <= written).map(|_| written);
         let segs = segment::list_segments(&self.dir).unwrap_or_default();
         let segment_bytes = segs
             .iter()
             .map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
             .sum();
         Stats {
-            records: self.index.len() as u64,
-            oldest_seq: first,
+            records: match (first, last) {
+                (Some(f), Some(l)) => l + 1 - f,
+                _ => 0,
+            },
+            oldest_seq: first.filter(|_| last.is_some()),
             newest_seq: last,
             next_seq: self.next_seq.load(Ordering::Acquire),
             segments: segs.len(),
@@ -636,6 +632,112 @@ impl Drop for Journal {
     }
 }
 
+/// Iterator over journal records (see [`Journal::records`]).
+pub struct Records<'a> {
+    journal: &'a Journal,
+    from: u64,
+    to: u64,
+    next: Option<Location>,
+    reader: Option<(u64, std::io::BufReader<std::fs::File>)>,
+    done: bool,
+}
+
+impl Records<'_> {
+    /// Opens the segment at `loc` (or the next one after `segment` at its start).
+    fn open(&mut self, loc: Location) -> io::Result<bool> {
+        use std::io::{Seek, SeekFrom};
+        let path = segment::segment_path(&self.journal.dir, loc.segment);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            // Trimmed or dropped under us: continue with what follows.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return self.next_segment(loc.segment),
+            Err(e) => return Err(e),
+        };
+        file.seek(SeekFrom::Start(loc.offset))?;
+        self.reader = Some((
+            loc.segment,
+            std::io::BufReader::with_capacity(1 << 20, file),
+        ));
+        Ok(true)
+    }
+
+    fn next_segment(&mut self, after: u64) -> io::Result<bool> {
+        let next = segment::list_segments(&self.journal.dir)?
+            .into_iter()
+            .find(|(first, _)| *first > after);
+        match next {
+            Some((first, _)) => self.open(Location {
+                segment: first,
+                offset: 0,
+            }),
+            None => Ok(false),
+        }
+    }
+
+    fn next_record(&mut self) -> io::Result<Option<Record>> {
+        use std::io::Read;
+        loop {
+            if self.reader.is_none() {
+                let Some(loc) = self.next.take() else {
+                    return Ok(None);
+                };
+                if !self.open(loc)? {
+                    return Ok(None);
+                }
+            }
+            let (seg, reader) = self.reader.as_mut().expect("opened above");
+            let seg = *seg;
+            let mut header = [0u8; record::HEADER_LEN];
+            match reader.read_exact(&mut header) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.reader = None;
+                    if !self.next_segment(seg)? {
+                        return Ok(None);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            let h = record::FrameHeader::parse(&header)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            if h.seq > self.to {
+                return Ok(None);
+            }
+            let mut frame = vec![0u8; h.frame_len()];
+            frame[..record::HEADER_LEN].copy_from_slice(&header);
+            reader.read_exact(&mut frame[record::HEADER_LEN..])?;
+            if h.seq < self.from {
+                continue;
+            }
+            return record::decode_frame(&frame)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+    }
+}
+
+impl Iterator for Records<'_> {
+    type Item = io::Result<Record>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.next_record() {
+            Ok(Some(r)) => Some(Ok(r)),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
 /// The writer thread's state.
 struct Writer {
     dir: PathBuf,
@@ -654,7 +756,7 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>) {
-        let mut buf = Vec::with_capacity(8 << 20);
+        let mut buf: Vec<Vec<u8>> = Vec::with_capacity(1024);
         while let Ok(first) = rx.recv() {
             let mut trim = None;
             let mut batch_bytes = 0usize;
@@ -709,38 +811,31 @@ impl Writer {
         self.shared.cond.notify_all();
     }
 
-    fn write_pending(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
+    fn write_pending(&mut self, frames: &mut Vec<Vec<u8>>) -> io::Result<()> {
         let mut batch = sled::Batch::default();
-        buf.clear();
-        let mut base = self.segment.len;
-        while let Some((bytes, data_len)) = self.pending.remove(&self.next_write) {
-            if base + buf.len() as u64 + bytes.len() as u64 > self.options.segment_bytes
-                && base + buf.len() as u64 > 0
+        frames.clear();
+        let mut part_bytes = 0u64;
+        while let Some((bytes, _)) = self.pending.remove(&self.next_write) {
+            if self.segment.len + part_bytes + bytes.len() as u64 > self.options.segment_bytes
+                && self.segment.len + part_bytes > 0
             {
-                if let Err(e) = self.segment.append(buf) {
-                    self.mark_frames_dirty(buf);
-                    return Err(e);
-                }
-                buf.clear();
+                self.append_frames(frames)?;
                 self.roll()?;
-                base = 0;
+                part_bytes = 0;
             }
-            let loc = Location {
-                segment: self.segment.first_seq,
-                offset: base + buf.len() as u64,
-                len: bytes.len() as u32,
-                data_len,
-            };
-            batch.insert(&seq_key(self.next_write), &loc.encode());
-            buf.extend_from_slice(&bytes);
+            if frames.is_empty() {
+                // One index entry per batch part: where its first frame starts.
+                let loc = Location {
+                    segment: self.segment.first_seq,
+                    offset: self.segment.len,
+                };
+                batch.insert(&seq_key(self.next_write), &loc.encode());
+            }
+            part_bytes += bytes.len() as u64;
+            frames.push(bytes);
             self.next_write += 1;
         }
-        if !buf.is_empty()
-            && let Err(e) = self.segment.append(buf)
-        {
-            self.mark_frames_dirty(buf);
-            return Err(e);
-        }
+        self.append_frames(frames)?;
         self.index.apply_batch(batch).map_err(io::Error::other)?;
         {
             let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -750,6 +845,22 @@ impl Writer {
         if self.sync_target > self.shared.state.lock().map(|s| s.durable).unwrap_or(0) {
             self.sync()?;
         }
+        Ok(())
+    }
+
+    /// Appends frames with one writev per up to 1024 of them (no extra copy).
+    fn append_frames(&mut self, frames: &mut Vec<Vec<u8>>) -> io::Result<()> {
+        if frames.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.segment.append_vectored(frames) {
+            for f in frames.iter() {
+                self.mark_frames_dirty(f);
+            }
+            frames.clear();
+            return Err(e);
+        }
+        frames.clear();
         Ok(())
     }
 
@@ -797,10 +908,19 @@ impl Writer {
 
     fn trim(&mut self, through: u64) -> io::Result<()> {
         let through = through.min(self.next_write - 1);
+        // Keep the entry where the scan for `through + 1` starts.
+        let keep = self
+            .index
+            .range(..=seq_key(through + 1))
+            .next_back()
+            .and_then(|kv| kv.ok())
+            .map(|(k, _)| k);
         let mut batch = sled::Batch::default();
         for kv in self.index.range(..=seq_key(through)) {
             let (k, _) = kv.map_err(io::Error::other)?;
-            batch.remove(k);
+            if Some(&k) != keep.as_ref() {
+                batch.remove(k);
+            }
         }
         self.index.apply_batch(batch).map_err(io::Error::other)?;
         for (_, last, path) in self.sealed_segments()? {

@@ -84,6 +84,37 @@ impl ActiveSegment {
         Ok(at)
     }
 
+    /// Appends whole frames with writev, no copy into one buffer.
+    pub fn append_vectored(&mut self, frames: &[Vec<u8>]) -> io::Result<()> {
+        for chunk in frames.chunks(1024) {
+            let total: usize = chunk.iter().map(|f| f.len()).sum();
+            let mut written = 0usize;
+            while written < total {
+                // Rebuild the slices past what is already written.
+                let mut skip = written;
+                let mut slices = Vec::with_capacity(chunk.len());
+                for f in chunk {
+                    if skip >= f.len() {
+                        skip -= f.len();
+                        continue;
+                    }
+                    slices.push(std::io::IoSlice::new(&f[skip..]));
+                    skip = 0;
+                }
+                let n = self.file.write_vectored(&slices)?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "segment write returned 0",
+                    ));
+                }
+                written += n;
+            }
+            self.len += total as u64;
+        }
+        Ok(())
+    }
+
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
