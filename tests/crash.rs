@@ -30,6 +30,7 @@ fn is_mounted(p: &Path) -> bool {
 struct MountProc {
     child: Option<Child>,
     mnt: PathBuf,
+    log: PathBuf,
 }
 
 impl MountProc {
@@ -42,12 +43,13 @@ impl MountProc {
             .arg(config)
             .env("REPLICAFS_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(std::fs::File::create(config.with_extension("log")).expect("log file"))
             .spawn()
             .expect("spawn replicafs mount");
         let p = MountProc {
             child: Some(child),
             mnt: mnt.to_owned(),
+            log: config.with_extension("log"),
         };
         let start = Instant::now();
         while !is_mounted(mnt) {
@@ -71,12 +73,11 @@ impl MountProc {
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let out = c.wait_with_output().expect("wait");
+            let status = c.wait().expect("wait");
             assert!(
-                out.status.success(),
-                "mount exited with {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
+                status.success(),
+                "mount exited with {status}: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
             );
         }
         assert!(!is_mounted(&self.mnt));
