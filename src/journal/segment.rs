@@ -115,6 +115,10 @@ impl ActiveSegment {
         Ok(())
     }
 
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
