@@ -962,8 +962,40 @@ impl Writer {
             if total <= self.options.cap_bytes {
                 break;
             }
-            for r in segment::read_all(&path)? {
-                mark_record_dirty(&self.dirty, &r);
+            // Ops only (payloads skipped); write ranges merged per file first.
+            let mut ranges: BTreeMap<Vec<u8>, Vec<(u64, u64)>> = BTreeMap::new();
+            for (_, op, data_len) in segment::read_ops(&path)? {
+                match op {
+                    Op::Write { path, offset } => {
+                        ranges.entry(path).or_default().push((offset, data_len))
+                    }
+                    other => mark_op_dirty(&self.dirty, &other, data_len),
+                }
+            }
+            for (path, mut rs) in ranges {
+                rs.sort();
+                let mut cur: Option<(u64, u64)> = None;
+                for (o, l) in rs {
+                    let e = o.saturating_add(l);
+                    cur = match cur {
+                        Some((co, ce)) if o <= ce => Some((co, ce.max(e))),
+                        Some((co, ce)) => {
+                            mark_op_dirty(
+                                &self.dirty,
+                                &Op::Write {
+                                    path: path.clone(),
+                                    offset: co,
+                                },
+                                ce - co,
+                            );
+                            Some((o, e))
+                        }
+                        None => Some((o, e)),
+                    };
+                }
+                if let Some((co, ce)) = cur {
+                    mark_op_dirty(&self.dirty, &Op::Write { path, offset: co }, ce - co);
+                }
             }
             let mut batch = sled::Batch::default();
             for kv in self.index.range(..=seq_key(last)) {
@@ -989,8 +1021,13 @@ impl Writer {
 
 /// The regions a record touched, for the dirty list.
 pub fn mark_record_dirty(dirty: &DirtyList, r: &Record) {
-    let res = match &r.op {
-        Op::Write { path, offset } => dirty.add_range(path, *offset, r.data.len() as u64),
+    mark_op_dirty(dirty, &r.op, r.data.len() as u64);
+}
+
+/// The regions an op with `data_len` payload bytes touched, for the dirty list.
+pub fn mark_op_dirty(dirty: &DirtyList, op: &Op, data_len: u64) {
+    let res = match op {
+        Op::Write { path, offset } => dirty.add_range(path, *offset, data_len),
         Op::Fallocate {
             path, offset, len, ..
         } => dirty.add_range(path, *offset, *len),

@@ -214,20 +214,32 @@ pub fn scan(path: &Path, verify: bool) -> io::Result<Scan> {
     Ok(out)
 }
 
-/// Reads every record of a segment (verifying each), stopping at the first bad frame.
-pub fn read_all(path: &Path) -> io::Result<Vec<Record>> {
-    let bytes = std::fs::read(path)?;
+/// The ops of a segment with their payload lengths, payloads skipped (what the
+/// cap needs to mark dropped records dirty), stopping at the first bad frame.
+pub fn read_ops(path: &Path) -> io::Result<Vec<(u64, super::record::Op, u64)>> {
+    let file = File::open(path)?;
+    let total = file.metadata()?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut out = Vec::new();
-    let mut at = 0usize;
-    while at < bytes.len() {
-        let Ok(h) = FrameHeader::parse(&bytes[at..]) else {
+    let mut offset = 0u64;
+    let mut header = [0u8; HEADER_LEN];
+    let mut op = Vec::new();
+    while total - offset >= HEADER_LEN as u64 {
+        reader.read_exact(&mut header)?;
+        let Ok(h) = FrameHeader::parse(&header) else {
             break;
         };
-        let Ok(r) = record::decode_frame(&bytes[at..]) else {
+        if total - offset < h.frame_len() as u64 {
+            break;
+        }
+        op.resize(h.op_len as usize, 0);
+        reader.read_exact(&mut op)?;
+        reader.seek_relative(h.data_len as i64)?;
+        let Ok(decoded) = postcard::from_bytes(&op) else {
             break;
         };
-        at += h.frame_len();
-        out.push(r);
+        out.push((h.seq, decoded, h.data_len as u64));
+        offset += h.frame_len() as u64;
     }
     Ok(out)
 }
