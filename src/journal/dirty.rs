@@ -32,6 +32,22 @@ impl DirtyRegion {
     }
 }
 
+/// Sorts (offset, len) ranges and merges the ones that overlap or touch.
+pub fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (o, l) in ranges {
+        let e = o.saturating_add(l);
+        match out.last_mut() {
+            Some((co, cl)) if o <= co.saturating_add(*cl) => {
+                *cl = (*cl).max(e - *co);
+            }
+            _ => out.push((o, l)),
+        }
+    }
+    out
+}
+
 /// The persistent dirty list: key = path, 0, offset (big-endian); value = len.
 #[derive(Clone)]
 pub struct DirtyList {
@@ -93,7 +109,7 @@ impl DirtyList {
             by_path.entry(path).or_default().push((offset, len));
         }
         let mut out = Vec::new();
-        for (path, mut ranges) in by_path {
+        for (path, ranges) in by_path {
             if ranges.iter().any(|&(_, l)| l == WHOLE_FILE) {
                 out.push(DirtyRegion {
                     path,
@@ -102,28 +118,11 @@ impl DirtyList {
                 });
                 continue;
             }
-            ranges.sort();
-            let mut cur: Option<(u64, u64)> = None;
-            for (o, l) in ranges {
-                let e = o.saturating_add(l);
-                cur = match cur {
-                    Some((co, ce)) if o <= ce => Some((co, ce.max(e))),
-                    Some((co, ce)) => {
-                        out.push(DirtyRegion {
-                            path: path.clone(),
-                            offset: co,
-                            len: ce - co,
-                        });
-                        Some((o, e))
-                    }
-                    None => Some((o, e)),
-                };
-            }
-            if let Some((co, ce)) = cur {
+            for (offset, len) in merge_ranges(ranges) {
                 out.push(DirtyRegion {
-                    path,
-                    offset: co,
-                    len: ce - co,
+                    path: path.clone(),
+                    offset,
+                    len,
                 });
             }
         }

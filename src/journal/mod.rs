@@ -972,29 +972,13 @@ impl Writer {
                     other => mark_op_dirty(&self.dirty, &other, data_len),
                 }
             }
-            for (path, mut rs) in ranges {
-                rs.sort();
-                let mut cur: Option<(u64, u64)> = None;
-                for (o, l) in rs {
-                    let e = o.saturating_add(l);
-                    cur = match cur {
-                        Some((co, ce)) if o <= ce => Some((co, ce.max(e))),
-                        Some((co, ce)) => {
-                            mark_op_dirty(
-                                &self.dirty,
-                                &Op::Write {
-                                    path: path.clone(),
-                                    offset: co,
-                                },
-                                ce - co,
-                            );
-                            Some((o, e))
-                        }
-                        None => Some((o, e)),
+            for (path, rs) in ranges {
+                for (offset, len) in dirty::merge_ranges(rs) {
+                    let op = Op::Write {
+                        path: path.clone(),
+                        offset,
                     };
-                }
-                if let Some((co, ce)) = cur {
-                    mark_op_dirty(&self.dirty, &Op::Write { path, offset: co }, ce - co);
+                    mark_op_dirty(&self.dirty, &op, len);
                 }
             }
             let mut batch = sled::Batch::default();
