@@ -258,6 +258,7 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
             .unwrap_or_else(|| opts.backing.join(STATE_DIR_NAME)),
     );
     let unclean = journal_dir.is_dir() && !journal_dir.join("CLEAN").exists();
+    let signals = mount::stop_signals()?;
     let mounted = mount::mount(&opts)?;
     let state_dir = mounted.checked.state_dir.clone();
     let shipper = match mounted.journal() {
@@ -300,7 +301,7 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
     .map_err(|e| format!("status socket: {e}"))?;
     let config_path = args.config.clone();
     let cli_excludes = args.exclude.clone();
-    mounted.run_until_signal(move || {
+    mounted.run_until_signal(signals, move || {
         let path = config_path.as_ref()?;
         match Config::load(path) {
             Ok(c) => {
@@ -338,6 +339,8 @@ fn run_replica(args: ReplicaArgs) -> Result<(), BoxError> {
     use replicafs::replica::Replica;
     use replicafs::transport::server::{self, ReplicaServer};
     use std::sync::Arc;
+    // Caught from the start, so an early SIGTERM still stops cleanly.
+    let mut signals = mount::stop_signals()?;
     let config = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -399,12 +402,14 @@ fn run_replica(args: ReplicaArgs) -> Result<(), BoxError> {
                 passthrough: config.passthrough,
             };
             let mounted = mount::mount(&opts)?;
-            mounted.run_until_signal(|| None).map_err(Into::into)
+            mounted
+                .run_until_signal(signals, || None)
+                .map_err(Into::into)
         }
         None => {
-            use signal_hook::consts::{SIGINT, SIGTERM};
-            let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-            let sig = signals.forever().next();
+            let sig = signals
+                .forever()
+                .find(|s| *s != signal_hook::consts::SIGHUP);
             tracing::info!(signal = ?sig, "signal received; stopping");
             Ok(())
         }

@@ -231,6 +231,13 @@ fn mount_device(mountpoint: &Path) -> Option<String> {
         .next_back()
 }
 
+/// Catches SIGINT, SIGTERM and SIGHUP from now on; give the result to
+/// [`Mounted::run_until_signal`]. Call it before mounting.
+pub fn stop_signals() -> std::io::Result<signal_hook::iterator::Signals> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+}
+
 /// A running mount. Dropping it unmounts and waits for the request threads.
 pub struct Mounted {
     pub checked: Checked,
@@ -248,13 +255,15 @@ impl Mounted {
 
     /// Waits until the mount goes away (`umount`) or SIGINT/SIGTERM arrives, then
     /// unmounts. On SIGHUP, `reload` gives the new exclusion rules (None keeps the old).
+    /// `signals` must have been registered before mounting (see [`stop_signals`]),
+    /// so that a signal arriving meanwhile is not lost to its default action.
     pub fn run_until_signal(
         mut self,
+        mut signals: signal_hook::iterator::Signals,
         reload: impl Fn() -> Option<Vec<String>>,
     ) -> std::io::Result<()> {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        use signal_hook::consts::SIGHUP;
         let (sig_tx, sig_rx) = bounded(4);
-        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
         let sig_handle = signals.handle();
         std::thread::spawn(move || {
             for sig in signals.forever() {
