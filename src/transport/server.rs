@@ -57,6 +57,7 @@ impl ReplicaServer {
         let mut i = self.info();
         let received = r.received();
         let applied = r.applied();
+        let mirror_applied = r.mirror_applied().max(applied);
         let payload = r.payload_applied();
         let now = Instant::now();
         let throughput = match i.rate {
@@ -96,6 +97,7 @@ impl ReplicaServer {
                 last_sent: i.primary_last,
                 received,
                 applied,
+                mirror_applied: Some(mirror_applied),
                 lag_records: i.primary_last.saturating_sub(applied),
                 lag_bytes: 0,
                 lag_seconds: 0.0,

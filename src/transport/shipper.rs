@@ -317,6 +317,7 @@ fn status(sh: &Shared) -> Status {
                 last_sent: s.sent,
                 received: s.received,
                 applied,
+                mirror_applied: None,
                 lag_records: last.saturating_sub(applied),
                 lag_bytes: s.unapplied.iter().map(|(_, b)| b).sum(),
                 lag_seconds: if applied >= last {
