@@ -359,3 +359,53 @@ fn idle_caught_up_replica_restarts_and_takes_more() {
         .unwrap();
     assert_eq!(replica_applied(&c.replicas[0].daemon.state), (last, last));
 }
+
+/// After an unclean stop the primary owes every peer a snapshot (it cannot
+/// tell what its journal lost). The debt is kept in the state dir, so a clean
+/// restart made while the peer is down does not forget it: the peer still
+/// gets its repair when it comes back, and then the debt is gone.
+#[test]
+fn resync_owed_after_a_crash_survives_a_clean_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::new(1, &[]);
+    c.start_all();
+    let mnt = c.primary.mnt.clone();
+    random_workload(&mnt, 60, 100);
+    c.wait_converged();
+    c.replicas[0].daemon.stop();
+    random_workload(&mnt, 61, 50);
+    c.primary.daemon.kill9();
+    c.primary.daemon.start();
+    let owed = c.primary.daemon.state.join("resync-owed");
+    let fp = c.replicas[0].fp.clone();
+    assert!(
+        std::fs::read_to_string(&owed)
+            .unwrap_or_default()
+            .contains(&fp),
+        "no debt recorded after an unclean stop"
+    );
+    let mode = std::fs::metadata(&owed).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A clean stop and start, the peer still away.
+    c.primary.daemon.stop();
+    c.primary.daemon.start();
+    // What only a snapshot repairs: an entry the primary does not have (the
+    // kind of divergence records lost in a crash leave behind).
+    std::fs::write(c.replicas[0].mirror.join("lost-in-the-crash"), b"stale").unwrap();
+    c.replicas[0].daemon.start();
+    random_workload(&mnt, 62, 50);
+    c.wait_converged();
+    assert_same_tree(&c.primary.backing, &c.replicas[0].mirror, &|_| false);
+    assert!(
+        !std::fs::read_to_string(&owed)
+            .unwrap_or_default()
+            .contains(&fp),
+        "the debt outlived the snapshot"
+    );
+    assert!(
+        c.primary
+            .daemon
+            .log_text()
+            .contains("this peer gets a full snapshot")
+    );
+}

@@ -221,6 +221,11 @@ async fn session(
                             .await
                             .map_err(|e| e.to_string())??;
                             snap = Some(Arc::new(std::sync::Mutex::new(sa)));
+                            // The reset is durable: tell the primary, whose
+                            // resync obligation now rests with this replica
+                            // (a fresh replica always gets a snapshot).
+                            let ack = rx.snapshot_reset();
+                            write_message(send, &ack).await?;
                             continue;
                         }
                         let sa = snap.clone().ok_or("snapshot message outside a snapshot")?;
@@ -285,7 +290,7 @@ async fn session(
                 if r.is_err() {
                     return Err("replica stopped".into());
                 }
-                if rx.state() == ReceiverState::Streaming {
+                if rx.state() == ReceiverState::Streaming && !rx.in_snapshot() {
                     let p = progress.borrow_and_update().clone();
                     let ack = rx.progress(p.received, p.applied, p.error);
                     write_message(send, &ack).await?;
