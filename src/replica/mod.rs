@@ -71,6 +71,8 @@ struct Inner {
     persist_passes: AtomicU64,
     sync: Arc<dyn MirrorSync>,
     error: Mutex<Option<String>>,
+    /// The last persist pass could not sync the mirror.
+    sync_error: Mutex<Option<String>>,
     wake: (Mutex<()>, Condvar),
     progress: tokio::sync::watch::Sender<Progress>,
     stop: AtomicBool,
@@ -149,6 +151,7 @@ impl Replica {
             persist_passes: AtomicU64::new(0),
             sync: sync.clone(),
             error: Mutex::new(None),
+            sync_error: Mutex::new(None),
             wake: (Mutex::new(()), Condvar::new()),
             progress,
             stop: AtomicBool::new(false),
@@ -217,11 +220,7 @@ impl Replica {
     }
 
     pub fn error(&self) -> Option<String> {
-        self.inner
-            .error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        current_error(&self.inner)
     }
 
     pub fn payload_applied(&self) -> u64 {
@@ -349,15 +348,27 @@ impl Drop for Replica {
     }
 }
 
+/// The apply error, else the mirror sync error.
+fn current_error(inner: &Inner) -> Option<String> {
+    let e = inner
+        .error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    e.or_else(|| {
+        inner
+            .sync_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    })
+}
+
 fn publish(inner: &Inner) {
     let p = Progress {
         received: inner.received.load(Ordering::Acquire),
         applied: inner.durable.load(Ordering::Acquire),
-        error: inner
-            .error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone(),
+        error: current_error(inner),
     };
     inner.progress.send_if_modified(|old| {
         if *old != p {
@@ -522,8 +533,23 @@ fn persist(inner: &Inner) {
     // Read before the sync: the sync covers everything applied through it.
     let resets = inner.resets.load(Ordering::Acquire);
     let applied = inner.applied.load(Ordering::Acquire);
-    if let Err(e) = inner.sync.sync(&inner.mirror) {
-        warn!(error = %e, "cannot sync the mirror; the applied seq is not persisted");
+    let synced = inner.sync.sync(&inner.mirror);
+    {
+        let mut g = inner.sync_error.lock().unwrap_or_else(|e| e.into_inner());
+        let now = synced
+            .as_ref()
+            .err()
+            .map(|e| format!("cannot sync the mirror: {e}"));
+        if *g != now {
+            match &now {
+                Some(m) => error!(error = %m, "the applied seq stays where it is; retrying"),
+                None => info!("the mirror syncs again"),
+            }
+            *g = now;
+        }
+    }
+    if synced.is_err() {
+        publish(inner);
         return;
     }
     let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -744,6 +770,9 @@ mod tests {
         rig.passes(&r, 2);
         assert_eq!(r.progress().borrow().applied, 0);
         assert_eq!(rig.persisted(), 0);
+        // And says why, to the primary too.
+        let shown = r.progress().borrow().error.clone().unwrap_or_default();
+        assert!(shown.contains("cannot sync the mirror"), "{shown:?}");
         // A namespace record cannot go ahead without a sync of what precedes it.
         rig.store(&r, 5, 6);
         rig.wait(&r, "the namespace record to fail", |r| r.error().is_some());
@@ -764,6 +793,7 @@ mod tests {
         });
         assert_eq!(rig.persisted(), 15);
         assert_eq!(r.applied(), 15);
+        assert_eq!(r.error(), None);
         // Quiet now: exact values, not just bounds.
         rig.passes(&r, 2);
         rig.check(&r);
