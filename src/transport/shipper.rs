@@ -1019,11 +1019,13 @@ async fn send_snapshot(
     }
     // The peer will hold seq `at`: it must not be a seq a power cut could
     // hand out again.
+    // One queued request is enough: the writer keeps its sync target.
+    let mut requested = false;
     while sh.journal.durable_seq() < at {
         if sh.stop.load(Ordering::Acquire) {
             return Err("stopping".into());
         }
-        let _ = sh.journal.request_sync(at);
+        requested = requested || sh.journal.request_sync(at);
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let lenient_through = sh.journal.last_seq().max(at);
