@@ -186,8 +186,8 @@ impl Sender {
                     self.applied = 0;
                     self.inflight.clear();
                     self.inflight_bytes = 0;
+                    self.remote_error = error;
                 }
-                self.remote_error = error;
                 Ok(SenderEvent::Progress)
             }
             (
