@@ -58,6 +58,8 @@ struct Inner {
     mirror: PathBuf,
     log: Mutex<ReceiveLog>,
     state: Mutex<StateFile>,
+    /// The mirror's owner (0: none yet), as in `replica.state`.
+    volume_id: AtomicU64,
     received: AtomicU64,
     /// How far the applier brought the mirror (maybe not durable yet).
     applied: AtomicU64,
@@ -127,6 +129,7 @@ impl Replica {
         let state = StateFile::open(&state_dir.join("replica.state"))
             .map_err(|e| format!("cannot open replica.state: {e}"))?;
         let applied = state.state.applied;
+        let volume_id = state.state.volume_id;
         let received = log.last().unwrap_or(0).max(applied);
         info!(
             mirror = %mirror.display(),
@@ -144,6 +147,7 @@ impl Replica {
             mirror,
             log: Mutex::new(log),
             state: Mutex::new(state),
+            volume_id: AtomicU64::new(volume_id),
             received: AtomicU64::new(received),
             applied: AtomicU64::new(applied),
             durable: AtomicU64::new(applied),
@@ -182,13 +186,8 @@ impl Replica {
     }
 
     pub fn volume_id(&self) -> Option<u64> {
-        let v = self
-            .inner
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .state
-            .volume_id;
+        // Not under the state lock: the applier holds it through a mirror sync.
+        let v = self.inner.volume_id.load(Ordering::Acquire);
         (v != 0).then_some(v)
     }
 
@@ -196,7 +195,9 @@ impl Replica {
     pub fn adopt(&self, volume_id: u64) -> Result<(), String> {
         let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         let s = st.state;
-        st.store(ApplyState { volume_id, ..s }).map_err(err_msg)
+        st.store(ApplyState { volume_id, ..s }).map_err(err_msg)?;
+        self.inner.volume_id.store(volume_id, Ordering::Release);
+        Ok(())
     }
 
     pub fn received(&self) -> u64 {
