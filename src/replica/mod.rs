@@ -776,7 +776,9 @@ mod tests {
         assert!(shown.contains("cannot sync the mirror"), "{shown:?}");
         // A namespace record cannot go ahead without a sync of what precedes it.
         rig.store(&r, 5, 6);
-        rig.wait(&r, "the namespace record to fail", |r| r.error().is_some());
+        rig.wait(&r, "the namespace record to fail", |r| {
+            r.error().is_some_and(|e| e.contains("applying record 5"))
+        });
         assert!(!rig.mirror.join("d5").exists());
         assert_eq!(r.mirror_applied(), 4);
         assert_eq!(rig.persisted(), 0);
@@ -819,7 +821,9 @@ mod tests {
         rig.probe.refuse.store(true, Ordering::Release);
         rig.store(&r, 3, 3);
         rig.store(&r, 4, 6);
-        rig.wait(&r, "the namespace record to fail", |r| r.error().is_some());
+        rig.wait(&r, "the namespace record to fail", |r| {
+            r.error().is_some_and(|e| e.contains("applying record 3"))
+        });
         r.stop();
         drop(r);
         assert_eq!(rig.persisted(), 2);
