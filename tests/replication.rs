@@ -409,3 +409,52 @@ fn resync_owed_after_a_crash_survives_a_clean_restart() {
             .contains("this peer gets a full snapshot")
     );
 }
+
+/// A primary whose journal lost records a replica already holds (here the
+/// whole journal is gone, as after restoring an old state dir) hands those
+/// seqs out again for other content. The replica is then owed a snapshot,
+/// never a resume past its received seq that would skip the new records.
+#[test]
+fn a_replica_ahead_of_a_lost_journal_gets_a_snapshot_not_a_resume() {
+    use std::os::unix::fs::FileExt;
+    let mut c = Cluster::new(1, &[]);
+    c.start_all();
+    let mnt = c.primary.mnt.clone();
+    std::fs::write(mnt.join("pages.img"), vec![0u8; 1 << 20]).unwrap();
+    random_workload(&mnt, 70, 30);
+    c.wait_converged();
+    let held = status(&c.primary.daemon.state).unwrap()["last_seq"]
+        .as_u64()
+        .unwrap();
+    c.primary.daemon.stop();
+    std::fs::remove_dir_all(c.primary.daemon.state.join("journal")).unwrap();
+    c.primary.daemon.start();
+    // New records 1..=held and beyond, each its own page of `pages.img`.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("pages.img"))
+        .unwrap();
+    let mut page = 0u64;
+    loop {
+        let last = status(&c.primary.daemon.state).unwrap()["last_seq"]
+            .as_u64()
+            .unwrap();
+        if last > held + 5 {
+            break;
+        }
+        assert!(page < 256, "{page} pages did not make {} records", held + 5);
+        f.write_all_at(&[page as u8 + 1; 4096], page * 4096)
+            .unwrap();
+        f.sync_data().unwrap();
+        page += 1;
+    }
+    drop(f);
+    c.wait_converged();
+    assert_same_tree(&c.primary.backing, &c.replicas[0].mirror, &|_| false);
+    assert!(
+        c.primary
+            .daemon
+            .log_text()
+            .contains("this peer gets a full snapshot")
+    );
+}

@@ -673,10 +673,18 @@ async fn stream(
         return Err("handshake did not resume".into());
     };
     if sender.received() > journal.last_seq() {
+        // Its seqs above the journal's end will name other content here: it
+        // is owed a snapshot (sent once the journal is past what it holds),
+        // never a resume that would skip them.
+        let owed = sh.obligations.owe(&[sh.peers[i].0.fingerprint]);
         return Err(format!(
-            "the replica has received through seq {} but this primary's journal ends at {}: the primary lost its journal tail; the replica needs a full resync",
+            "the replica has received through seq {} but this primary's journal ends at {}: the primary lost its journal tail; the replica needs a full resync{}",
             sender.received(),
-            journal.last_seq()
+            journal.last_seq(),
+            match owed {
+                Ok(()) => String::new(),
+                Err(e) => format!(" ({e})"),
+            }
         ));
     }
     {
