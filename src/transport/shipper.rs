@@ -287,7 +287,7 @@ impl Shipper {
         }
         let owed = obligations.owed();
         if !owed.is_empty() {
-            info!(peers = ?owed, "peers owed a full snapshot after an unclean stop");
+            info!(peers = ?owed, "peers owed a full snapshot (resync-owed)");
         }
         let hidden = catch_up.as_ref().and_then(|c| {
             use std::os::unix::ffi::OsStrExt;
@@ -706,7 +706,7 @@ async fn stream(
     let owed = sh.obligations.owes(&sh.peers[i].0.fingerprint);
     if sender.needs_snapshot() || (owed && sh.catch_up.is_some()) {
         if owed {
-            info!(peer = %sh.peers[i].0.address, "the journal was not closed cleanly: this peer gets a full snapshot");
+            info!(peer = %sh.peers[i].0.address, "owed a snapshot (the journal did not close cleanly, or lost records the peer holds): this peer gets a full snapshot");
         }
         let Some(cu) = sh.catch_up.clone() else {
             return Err("the replica is fresh and needs a snapshot, but this sender has no backing dir to read".into());
