@@ -312,3 +312,149 @@ fn primary_killed_during_a_workload_converges() {
     c.wait_converged();
     assert_same_tree(&c.primary.backing, &c.replicas[0].mirror, &|_| false);
 }
+
+/// The replica's applied seq as it reports it: (durable and acknowledged,
+/// brought into the mirror).
+fn replica_applied(state: &std::path::Path) -> (u64, u64) {
+    let s = status(state).expect("replica status");
+    let p = &s["peers"][0];
+    (
+        p["applied"].as_u64().expect("applied"),
+        p["mirror_applied"].as_u64().expect("mirror_applied"),
+    )
+}
+
+/// An idle replica that has applied everything is restarted (stopped, then
+/// killed): it comes back with exactly the applied seq it acknowledged (not
+/// one more, not less), and what the primary writes next reaches the mirror.
+#[test]
+fn idle_caught_up_replica_restarts_and_takes_more() {
+    let mut c = Cluster::new(1, &[]);
+    c.start_all();
+    let mnt = c.primary.mnt.clone();
+    random_workload(&mnt, 40, 150);
+    for (round, seed) in [41u64, 42].into_iter().enumerate() {
+        c.wait_converged();
+        let last = status(&c.primary.daemon.state).unwrap()["last_seq"]
+            .as_u64()
+            .unwrap();
+        let rstate = c.replicas[0].daemon.state.clone();
+        assert_eq!(replica_applied(&rstate), (last, last));
+        assert_same_tree(&c.primary.backing, &c.replicas[0].mirror, &|_| false);
+        if round == 0 {
+            c.replicas[0].daemon.stop();
+        } else {
+            c.replicas[0].daemon.kill9();
+        }
+        c.replicas[0].daemon.start();
+        // Straight from replica.state: what it acknowledged, nothing more.
+        assert_eq!(replica_applied(&rstate), (last, last), "round {round}");
+        random_workload(&mnt, seed, 100);
+        std::fs::write(mnt.join(format!("after-restart-{round}")), b"more").unwrap();
+    }
+    c.wait_converged();
+    assert_same_tree(&c.primary.backing, &c.replicas[0].mirror, &|_| false);
+    let last = status(&c.primary.daemon.state).unwrap()["last_seq"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(replica_applied(&c.replicas[0].daemon.state), (last, last));
+}
+
+/// After an unclean stop the primary owes every peer a snapshot (it cannot
+/// tell what its journal lost). The debt is kept in the state dir, so a clean
+/// restart made while the peer is down does not forget it: the peer still
+/// gets its repair when it comes back, and then the debt is gone.
+#[test]
+fn resync_owed_after_a_crash_survives_a_clean_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::new(1, &[]);
+    c.start_all();
+    let mnt = c.primary.mnt.clone();
+    random_workload(&mnt, 60, 100);
+    c.wait_converged();
+    c.replicas[0].daemon.stop();
+    random_workload(&mnt, 61, 50);
+    c.primary.daemon.kill9();
+    c.primary.daemon.start();
+    let owed = c.primary.daemon.state.join("resync-owed");
+    let fp = c.replicas[0].fp.clone();
+    assert!(
+        std::fs::read_to_string(&owed)
+            .unwrap_or_default()
+            .contains(&fp),
+        "no debt recorded after an unclean stop"
+    );
+    let mode = std::fs::metadata(&owed).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A clean stop and start, the peer still away.
+    c.primary.daemon.stop();
+    c.primary.daemon.start();
+    // What only a snapshot repairs: an entry the primary does not have (the
+    // kind of divergence records lost in a crash leave behind).
+    std::fs::write(c.replicas[0].mirror.join("lost-in-the-crash"), b"stale").unwrap();
+    c.replicas[0].daemon.start();
+    random_workload(&mnt, 62, 50);
+    c.wait_converged();
+    assert_same_tree(&c.primary.backing, &c.replicas[0].mirror, &|_| false);
+    assert!(
+        !std::fs::read_to_string(&owed)
+            .unwrap_or_default()
+            .contains(&fp),
+        "the debt outlived the snapshot"
+    );
+    assert!(
+        c.primary
+            .daemon
+            .log_text()
+            .contains("this peer gets a full snapshot")
+    );
+}
+
+/// A primary whose journal lost records a replica already holds (here the
+/// whole journal is gone, as after restoring an old state dir) hands those
+/// seqs out again for other content. The replica is then owed a snapshot,
+/// never a resume past its received seq that would skip the new records.
+#[test]
+fn a_replica_ahead_of_a_lost_journal_gets_a_snapshot_not_a_resume() {
+    use std::os::unix::fs::FileExt;
+    let mut c = Cluster::new(1, &[]);
+    c.start_all();
+    let mnt = c.primary.mnt.clone();
+    std::fs::write(mnt.join("pages.img"), vec![0u8; 1 << 20]).unwrap();
+    random_workload(&mnt, 70, 30);
+    c.wait_converged();
+    let held = status(&c.primary.daemon.state).unwrap()["last_seq"]
+        .as_u64()
+        .unwrap();
+    c.primary.daemon.stop();
+    std::fs::remove_dir_all(c.primary.daemon.state.join("journal")).unwrap();
+    c.primary.daemon.start();
+    // New records 1..=held and beyond, each its own page of `pages.img`.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("pages.img"))
+        .unwrap();
+    let mut page = 0u64;
+    loop {
+        let last = status(&c.primary.daemon.state).unwrap()["last_seq"]
+            .as_u64()
+            .unwrap();
+        if last > held + 5 {
+            break;
+        }
+        assert!(page < 256, "{page} pages did not make {} records", held + 5);
+        f.write_all_at(&[page as u8 + 1; 4096], page * 4096)
+            .unwrap();
+        f.sync_data().unwrap();
+        page += 1;
+    }
+    drop(f);
+    c.wait_converged();
+    assert_same_tree(&c.primary.backing, &c.replicas[0].mirror, &|_| false);
+    assert!(
+        c.primary
+            .daemon
+            .log_text()
+            .contains("this peer gets a full snapshot")
+    );
+}

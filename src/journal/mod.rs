@@ -442,6 +442,13 @@ impl Journal {
             .durable
     }
 
+    /// Asks the writer to make every record up to `seq` durable without
+    /// waiting; false if the request could not be queued (try again later).
+    pub fn request_sync(&self, seq: u64) -> bool {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.durable_seq() >= seq || tx.is_some_and(|tx| tx.try_send(Msg::Sync(seq)).is_ok())
+    }
+
     /// Blocks until every record up to `seq` is on disk.
     pub fn sync_through(&self, seq: u64) {
         {

@@ -83,6 +83,10 @@ pub struct Sender {
     inflight: VecDeque<(u64, u64)>,
     inflight_bytes: u64,
     remote_error: Option<String>,
+    /// A snapshot taken after seq `.0` is on the wire; `.1`: the replica
+    /// acknowledged its durable reset (an `Ack` of 0, 0), so later acks are
+    /// about the snapshot.
+    snapshot: Option<(u64, bool)>,
 }
 
 /// What an incoming message changed, for the transport.
@@ -92,6 +96,8 @@ pub enum SenderEvent {
     Resume { from: u64 },
     /// The replica's progress moved (or its error changed).
     Progress,
+    /// The replica has applied the snapshot taken after seq `at`, durably.
+    SnapshotApplied { at: u64 },
 }
 
 impl Sender {
@@ -106,6 +112,7 @@ impl Sender {
             inflight: VecDeque::new(),
             inflight_bytes: 0,
             remote_error: None,
+            snapshot: None,
         }
     }
 
@@ -170,6 +177,26 @@ impl Sender {
                     applied,
                     error,
                 },
+            ) if matches!(self.snapshot, Some((_, false))) => {
+                // Until the replica says it has reset for the snapshot, its
+                // acks are about what it held before: they move nothing.
+                if received == 0 && applied == 0 {
+                    self.snapshot = self.snapshot.map(|(at, _)| (at, true));
+                    self.received = 0;
+                    self.applied = 0;
+                    self.inflight.clear();
+                    self.inflight_bytes = 0;
+                    self.remote_error = error;
+                }
+                Ok(SenderEvent::Progress)
+            }
+            (
+                SenderState::Streaming,
+                Message::Ack {
+                    received,
+                    applied,
+                    error,
+                },
             ) => {
                 let sent = self.sent_through();
                 if received < self.received
@@ -192,6 +219,12 @@ impl Sender {
                     }
                     self.inflight.pop_front();
                     self.inflight_bytes -= bytes;
+                }
+                if let Some((at, true)) = self.snapshot
+                    && applied >= at
+                {
+                    self.snapshot = None;
+                    return Ok(SenderEvent::SnapshotApplied { at });
                 }
                 Ok(SenderEvent::Progress)
             }
@@ -234,8 +267,11 @@ impl Sender {
     }
 
     /// The snapshot taken after seq `at` is on the wire: stream from `at + 1`.
+    /// Acks count again once the replica acknowledged its reset; the one that
+    /// reaches `at` then yields [`SenderEvent::SnapshotApplied`].
     pub fn snapshot_sent(&mut self, at: u64) {
         self.next_seq = at + 1;
+        self.snapshot = Some((at, false));
     }
 
     /// The transport put a batch ending at `last` on the wire (`wire_bytes` long).
@@ -333,6 +369,24 @@ impl Receiver {
 
     pub fn state(&self) -> ReceiverState {
         self.state
+    }
+
+    /// Between a snapshot's begin and end (progress acks would be stale).
+    pub fn in_snapshot(&self) -> bool {
+        self.in_snapshot
+    }
+
+    /// The replica has durably reset for the snapshot that began: the ack
+    /// that tells the primary (received and applied 0; it sends nothing else
+    /// until the snapshot's end).
+    pub fn snapshot_reset(&mut self) -> Message {
+        self.received = 0;
+        self.applied = 0;
+        Message::Ack {
+            received: 0,
+            applied: 0,
+            error: None,
+        }
     }
 
     pub fn handle(&mut self, msg: Message) -> Result<ReceiverEvent, ProtocolError> {
@@ -449,5 +503,90 @@ impl Receiver {
             applied: self.applied,
             error,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(received: u64, applied: u64) -> Message {
+        Message::Ack {
+            received,
+            applied,
+            error: None,
+        }
+    }
+
+    fn streaming(received: u64, applied: u64) -> (Sender, Receiver) {
+        let mut s = Sender::new(7, SenderConfig::default());
+        let mut r = Receiver::new(Some(7), received, applied);
+        let ReceiverEvent::Welcome { reply, .. } = r.handle(s.hello(20)).unwrap() else {
+            panic!("no welcome");
+        };
+        s.handle(reply).unwrap();
+        (s, r)
+    }
+
+    /// A snapshot counts as applied only after the replica acknowledged its
+    /// reset and then the snapshot's seq: an earlier ack that happens to
+    /// reach the same seq (sent before the replica saw the snapshot) does not.
+    #[test]
+    fn snapshot_applied_only_after_the_reset_and_the_end() {
+        let (mut s, mut r) = streaming(9, 5);
+        // The replica applies what it had while the primary sends a snapshot
+        // taken after seq 9: that ack is stale.
+        s.snapshot_sent(9);
+        let stale = r.progress(9, 9, None);
+        assert_eq!(s.handle(stale).unwrap(), SenderEvent::Progress);
+        assert_eq!(s.applied(), 5);
+        // The replica processes SnapshotBegin and resets durably.
+        assert!(matches!(
+            r.handle(Message::SnapshotBegin { at: 9 }),
+            Ok(ReceiverEvent::Snapshot(_))
+        ));
+        assert!(r.in_snapshot());
+        assert_eq!(s.handle(r.snapshot_reset()).unwrap(), SenderEvent::Progress);
+        assert_eq!((s.received(), s.applied()), (0, 0));
+        r.handle(Message::SnapshotEnd {
+            at: 9,
+            lenient_through: 11,
+        })
+        .unwrap();
+        assert!(!r.in_snapshot());
+        assert_eq!(
+            s.handle(r.progress(9, 9, None)).unwrap(),
+            SenderEvent::SnapshotApplied { at: 9 }
+        );
+        assert_eq!((s.received(), s.applied()), (9, 9));
+        // Once only; the stream goes on from 10 and acks are checked again.
+        assert_eq!(s.wants(), Some(10));
+        s.batch(vec![], 10, 20);
+        s.sent(10, 10);
+        assert_eq!(s.handle(ack(10, 10)).unwrap(), SenderEvent::Progress);
+        assert!(s.handle(ack(11, 10)).is_err());
+    }
+
+    /// A fresh replica's reset ack looks like its welcome; it still counts.
+    #[test]
+    fn fresh_replica_snapshot_is_applied_after_its_reset() {
+        let (mut s, mut r) = streaming(0, 0);
+        assert!(s.needs_snapshot());
+        s.snapshot_sent(3);
+        // An ack of the snapshot's seq before the reset was seen is refused
+        // as applied.
+        assert_eq!(s.handle(ack(3, 3)).unwrap(), SenderEvent::Progress);
+        assert_eq!(s.applied(), 0);
+        r.handle(Message::SnapshotBegin { at: 3 }).unwrap();
+        s.handle(r.snapshot_reset()).unwrap();
+        r.handle(Message::SnapshotEnd {
+            at: 3,
+            lenient_through: 3,
+        })
+        .unwrap();
+        assert_eq!(
+            s.handle(r.progress(3, 3, None)).unwrap(),
+            SenderEvent::SnapshotApplied { at: 3 }
+        );
     }
 }

@@ -3,8 +3,12 @@
 //! Data records (write, truncate, fallocate, setattr, xattr) are re-applied
 //! after a crash: any run of them replayed onto a state that already contains
 //! it ends in the same state. Namespace records are applied exactly once:
-//! before one is applied the state file records an *intent* (its seq, and for a
-//! rename the (dev, ino) of its source), durably; after it, the applied seq.
+//! before one is applied the mirror is synced (so everything before it is
+//! durable) and the state file records, durably, applied = seq - 1 and an
+//! *intent* (its seq, and for a rename the (dev, ino) of its source). The
+//! intent stays until a later sync of the mirror persists an applied seq at or
+//! past it (the persister's, or the next namespace record's): the persisted
+//! applied seq never runs ahead of what is durable in the mirror.
 //! Restarting with an intent pending, the mirror itself says whether the
 //! record took effect (a created name exists, a removed one does not, a
 //! renamed source no longer has its old inode), so it is never applied twice.
@@ -25,10 +29,12 @@ use crate::journal::apply::Applier;
 use crate::journal::record::{Op, Record};
 
 use super::store::{ApplyState, StateFile};
+use super::{MirrorSync, SyncFs};
 
 pub struct MirrorApplier {
     root: PathBuf,
     applier: Applier,
+    sync: std::sync::Arc<dyn MirrorSync>,
 }
 
 fn safe_rel(p: &[u8]) -> Option<PathBuf> {
@@ -46,9 +52,18 @@ fn safe_rel(p: &[u8]) -> Option<PathBuf> {
 
 impl MirrorApplier {
     pub fn new(root: &Path) -> io::Result<MirrorApplier> {
+        MirrorApplier::with_sync(root, std::sync::Arc::new(SyncFs))
+    }
+
+    /// `sync` makes the mirror durable before a namespace intent is stored.
+    pub fn with_sync(
+        root: &Path,
+        sync: std::sync::Arc<dyn MirrorSync>,
+    ) -> io::Result<MirrorApplier> {
         Ok(MirrorApplier {
             root: root.to_path_buf(),
             applier: Applier::new(root)?,
+            sync,
         })
     }
 
@@ -76,8 +91,9 @@ impl MirrorApplier {
         }
     }
 
-    /// Applies `r` (the record after `state.applied`, in order). Namespace
-    /// records persist the state before and after; data records do not.
+    /// Applies `r` (the record after the applier's last one, in order).
+    /// Namespace records sync the mirror and persist an intent first; data
+    /// records persist nothing.
     pub fn apply(&self, state: &mut StateFile, r: &Record) -> io::Result<()> {
         let lenient = r.seq <= state.state.lenient_through;
         if !r.op.is_namespace() {
@@ -90,6 +106,9 @@ impl MirrorApplier {
                 .unwrap_or((0, 0)),
             _ => (0, 0),
         };
+        // Records before this one may still be in the page cache: applied =
+        // seq - 1 may be stored only once they are durable.
+        self.sync.sync(&self.root)?;
         let s = state.state;
         state.store(ApplyState {
             applied: r.seq - 1,
@@ -98,18 +117,13 @@ impl MirrorApplier {
             intent_ino: ino,
             ..s
         })?;
-        tolerate(lenient, r, self.applier.apply(r))?;
-        state.store(ApplyState {
-            applied: r.seq,
-            intent_seq: 0,
-            intent_dev: 0,
-            intent_ino: 0,
-            ..s
-        })
+        // The intent stays: the record's own effect is not durable yet.
+        tolerate(lenient, r, self.applier.apply(r))
     }
 
     /// After a restart with `state.intent_seq == r.seq`: finishes `r` without
-    /// applying it twice.
+    /// applying it twice. The intent stays stored until a sync of the mirror
+    /// persists a later applied seq.
     pub fn resolve_intent(&self, state: &mut StateFile, r: &Record) -> io::Result<()> {
         let s = state.state;
         let done = match &r.op {
@@ -174,13 +188,7 @@ impl MirrorApplier {
         } else {
             tolerate(r.seq <= s.lenient_through, r, self.applier.apply(r))?;
         }
-        state.store(ApplyState {
-            applied: r.seq,
-            intent_seq: 0,
-            intent_dev: 0,
-            intent_ino: 0,
-            ..s
-        })
+        Ok(())
     }
 }
 
@@ -243,8 +251,13 @@ mod tests {
         let mut st = StateFile::open(&d.path().join("s")).unwrap();
         ap.resolve_intent(&mut st, &r).unwrap();
         assert_eq!(std::fs::read(mirror.join("a")).unwrap(), b"B");
-        assert_eq!(st.state.applied, 1);
-        assert_eq!(st.state.intent_seq, 0);
+        // Resolved, but not durable yet: the intent stays for the persister.
+        assert_eq!(st.state.applied, 0);
+        assert_eq!(st.state.intent_seq, 1);
+        // Resolving it again (another restart before a sync) is still a no-op.
+        ap.resolve_intent(&mut st, &r).unwrap();
+        assert_eq!(std::fs::read(mirror.join("a")).unwrap(), b"B");
+        assert_eq!(std::fs::read(mirror.join("b")).unwrap(), b"A");
 
         // Crash before the syscall: the restart applies it.
         let r2 = rec(

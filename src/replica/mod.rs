@@ -3,7 +3,16 @@
 //! The network side ([`crate::transport::server`]) stores batches with
 //! [`Replica::store`] (durable before it returns) and reads progress from
 //! [`Replica::progress`]. One applier thread applies stored records to the
-//! mirror in seq order and persists the applied seq (see [`apply`]).
+//! mirror in seq order; a persister thread makes the mirror durable (syncfs)
+//! and then persists the applied seq (see [`apply`]).
+//!
+//! Two "applied" seqs exist. [`Replica::mirror_applied`] is how far the applier
+//! has brought the mirror, possibly still in the page cache.
+//! [`Replica::applied`] is how far the mirror is durable *and* `replica.state`
+//! says so: it is the only one acknowledged to the primary (which trims its
+//! journal on it), shown as `applied` by `replicafs status`, and never exceeds
+//! what a power cut leaves in the mirror. The receive log keeps every record
+//! above it.
 
 pub mod apply;
 pub mod snapshot;
@@ -14,9 +23,24 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tracing::{error, info, warn};
+
+/// Makes the mirror's contents durable. The replica persists or acknowledges
+/// an applied seq only after a successful call made after that seq was applied.
+pub trait MirrorSync: Send + Sync {
+    fn sync(&self, mirror: &Path) -> std::io::Result<()>;
+}
+
+/// `syncfs(2)` of the mirror's filesystem.
+pub struct SyncFs;
+
+impl MirrorSync for SyncFs {
+    fn sync(&self, mirror: &Path) -> std::io::Result<()> {
+        syncfs(mirror)
+    }
+}
 
 use apply::MirrorApplier;
 use store::{ApplyState, ReceiveLog, StateFile};
@@ -25,6 +49,7 @@ use store::{ApplyState, ReceiveLog, StateFile};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Progress {
     pub received: u64,
+    /// Durably applied (mirror synced, then persisted): what the primary may trim.
     pub applied: u64,
     pub error: Option<String>,
 }
@@ -33,9 +58,23 @@ struct Inner {
     mirror: PathBuf,
     log: Mutex<ReceiveLog>,
     state: Mutex<StateFile>,
+    /// The mirror's owner (0: none yet), as in `replica.state`.
+    volume_id: AtomicU64,
     received: AtomicU64,
+    /// How far the applier brought the mirror (maybe not durable yet).
     applied: AtomicU64,
+    /// How far the mirror is durable and `replica.state` says so; updated
+    /// only under the `state` lock.
+    durable: AtomicU64,
+    /// Bumped (under the `state` lock) when a snapshot resets the replica, so
+    /// a persist pass that started before cannot store a stale seq after it.
+    resets: AtomicU64,
+    /// Persist passes run (for tests that wait for one).
+    persist_passes: AtomicU64,
+    sync: Arc<dyn MirrorSync>,
     error: Mutex<Option<String>>,
+    /// The last persist pass could not sync the mirror.
+    sync_error: Mutex<Option<String>>,
     wake: (Mutex<()>, Condvar),
     progress: tokio::sync::watch::Sender<Progress>,
     stop: AtomicBool,
@@ -58,6 +97,15 @@ fn err_msg(e: impl std::fmt::Display) -> String {
 impl Replica {
     /// Opens the replica state in `state_dir` for `mirror` and starts the applier.
     pub fn open(state_dir: &Path, mirror: &Path) -> Result<Replica, String> {
+        Replica::open_with_sync(state_dir, mirror, Arc::new(SyncFs))
+    }
+
+    /// Like [`Replica::open`], with `sync` making the mirror durable.
+    pub fn open_with_sync(
+        state_dir: &Path,
+        mirror: &Path,
+        sync: Arc<dyn MirrorSync>,
+    ) -> Result<Replica, String> {
         if !mirror.is_dir() {
             return Err(format!(
                 "mirror dir {} does not exist: create it first (mkdir -p {})",
@@ -81,6 +129,7 @@ impl Replica {
         let state = StateFile::open(&state_dir.join("replica.state"))
             .map_err(|e| format!("cannot open replica.state: {e}"))?;
         let applied = state.state.applied;
+        let volume_id = state.state.volume_id;
         let received = log.last().unwrap_or(0).max(applied);
         info!(
             mirror = %mirror.display(),
@@ -98,16 +147,22 @@ impl Replica {
             mirror,
             log: Mutex::new(log),
             state: Mutex::new(state),
+            volume_id: AtomicU64::new(volume_id),
             received: AtomicU64::new(received),
             applied: AtomicU64::new(applied),
+            durable: AtomicU64::new(applied),
+            resets: AtomicU64::new(0),
+            persist_passes: AtomicU64::new(0),
+            sync: sync.clone(),
             error: Mutex::new(None),
+            sync_error: Mutex::new(None),
             wake: (Mutex::new(()), Condvar::new()),
             progress,
             stop: AtomicBool::new(false),
             payload_applied: AtomicU64::new(0),
             gate: Mutex::new(false),
         });
-        let applier = MirrorApplier::new(&inner.mirror)
+        let applier = MirrorApplier::with_sync(&inner.mirror, sync)
             .map_err(|e| format!("cannot open the mirror: {e}"))?;
         let i2 = inner.clone();
         let thread = std::thread::Builder::new()
@@ -131,13 +186,8 @@ impl Replica {
     }
 
     pub fn volume_id(&self) -> Option<u64> {
-        let v = self
-            .inner
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .state
-            .volume_id;
+        // Not under the state lock: the applier holds it through a mirror sync.
+        let v = self.inner.volume_id.load(Ordering::Acquire);
         (v != 0).then_some(v)
     }
 
@@ -145,23 +195,33 @@ impl Replica {
     pub fn adopt(&self, volume_id: u64) -> Result<(), String> {
         let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         let s = st.state;
-        st.store(ApplyState { volume_id, ..s }).map_err(err_msg)
+        st.store(ApplyState { volume_id, ..s }).map_err(err_msg)?;
+        self.inner.volume_id.store(volume_id, Ordering::Release);
+        Ok(())
     }
 
     pub fn received(&self) -> u64 {
         self.inner.received.load(Ordering::Acquire)
     }
 
+    /// The applied seq that is durable (mirror synced, `replica.state`
+    /// written): the one acknowledged to the primary.
     pub fn applied(&self) -> u64 {
+        self.inner.durable.load(Ordering::Acquire)
+    }
+
+    /// How far the mirror has been brought, possibly not yet durable.
+    pub fn mirror_applied(&self) -> u64 {
         self.inner.applied.load(Ordering::Acquire)
     }
 
+    /// Persist passes run so far.
+    pub fn persist_passes(&self) -> u64 {
+        self.inner.persist_passes.load(Ordering::Acquire)
+    }
+
     pub fn error(&self) -> Option<String> {
-        self.inner
-            .error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        current_error(&self.inner)
     }
 
     pub fn payload_applied(&self) -> u64 {
@@ -201,7 +261,7 @@ impl Replica {
     pub fn begin_snapshot(&self) -> Result<(), String> {
         let mut gate = self.inner.gate.lock().unwrap_or_else(|e| e.into_inner());
         *gate = true;
-        if self.received() == 0 && self.applied() == 0 {
+        if self.received() == 0 && self.mirror_applied() == 0 && self.applied() == 0 {
             return Ok(());
         }
         self.inner
@@ -217,10 +277,13 @@ impl Replica {
             ..Default::default()
         })
         .map_err(err_msg)?;
+        self.inner.resets.fetch_add(1, Ordering::AcqRel);
+        self.inner.durable.store(0, Ordering::Release);
         drop(st);
         self.inner.received.store(0, Ordering::Release);
         self.inner.applied.store(0, Ordering::Release);
         set_error(&self.inner, None);
+        publish(&self.inner);
         info!("replica reset for a snapshot");
         Ok(())
     }
@@ -229,10 +292,13 @@ impl Replica {
     /// through `lenient_through` are applied tolerantly. The applier resumes.
     pub fn finish_snapshot(&self, at: u64, lenient_through: u64) -> Result<(), String> {
         let mut gate = self.inner.gate.lock().unwrap_or_else(|e| e.into_inner());
-        if self.received() != 0 || self.applied() != 0 {
+        if self.received() != 0 || self.mirror_applied() != 0 || self.applied() != 0 {
             return Err("a snapshot can only finish on a reset replica".into());
         }
-        syncfs(&self.inner.mirror).map_err(|e| format!("syncfs of the mirror: {e}"))?;
+        self.inner
+            .sync
+            .sync(&self.inner.mirror)
+            .map_err(|e| format!("syncing the mirror: {e}"))?;
         {
             let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
             let s = st.state;
@@ -245,6 +311,8 @@ impl Replica {
                 ..s
             })
             .map_err(err_msg)?;
+            self.inner.resets.fetch_add(1, Ordering::AcqRel);
+            self.inner.durable.store(at, Ordering::Release);
         }
         self.inner.received.store(at, Ordering::Release);
         self.inner.applied.store(at, Ordering::Release);
@@ -261,11 +329,16 @@ impl Replica {
             let _g = self.inner.wake.0.lock().unwrap_or_else(|e| e.into_inner());
             self.inner.wake.1.notify_all();
         }
+        let mut joined = false;
         for slot in [&self.thread, &self.persister] {
-            // The applier first, so the persister's last pass sees its final seq.
             if let Some(t) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 let _ = t.join();
+                joined = true;
             }
+        }
+        // Both threads are gone: one last pass persists the applier's final seq.
+        if joined {
+            persist(&self.inner);
         }
     }
 }
@@ -276,15 +349,27 @@ impl Drop for Replica {
     }
 }
 
+/// The apply error, else the mirror sync error.
+fn current_error(inner: &Inner) -> Option<String> {
+    let e = inner
+        .error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    e.or_else(|| {
+        inner
+            .sync_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    })
+}
+
 fn publish(inner: &Inner) {
     let p = Progress {
         received: inner.received.load(Ordering::Acquire),
-        applied: inner.applied.load(Ordering::Acquire),
-        error: inner
-            .error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone(),
+        applied: inner.durable.load(Ordering::Acquire),
+        error: current_error(inner),
     };
     inner.progress.send_if_modified(|old| {
         if *old != p {
@@ -317,20 +402,15 @@ fn syncfs(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Persists the applied seq every 200 ms (after a syncfs of the mirror), off
-/// the applier's path, and trims the receive log below it.
+/// Every 200 ms while the applier is ahead of what is durable: syncs the
+/// mirror, then persists the applied seq, then trims the receive log below it
+/// (off the applier's path; one sync covers many batches).
 fn persist_loop(inner: Arc<Inner>) {
-    let mut persisted = inner.applied.load(Ordering::Acquire);
-    let mut last = Instant::now();
-    loop {
-        let stopping = inner.stop.load(Ordering::Acquire);
-        let applied = inner.applied.load(Ordering::Acquire);
-        if applied > persisted {
-            persist(&inner, applied, &mut persisted, &mut last);
+    while !inner.stop.load(Ordering::Acquire) {
+        if inner.applied.load(Ordering::Acquire) > inner.durable.load(Ordering::Acquire) {
+            persist(&inner);
         }
-        if stopping {
-            break;
-        }
+        inner.persist_passes.fetch_add(1, Ordering::AcqRel);
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -415,6 +495,8 @@ fn apply_next(
         } else {
             applier.apply(&mut st, r)
         };
+        // A namespace record syncs the mirror and persists the seq before it.
+        inner.durable.fetch_max(st.state.applied, Ordering::AcqRel);
         drop(st);
         if let Err(e) = res {
             *failures += 1;
@@ -432,7 +514,8 @@ fn apply_next(
         }
         payload += r.data.len() as u64;
         if r.op.is_namespace() {
-            // Persisted by the applier itself.
+            // Its intent is persisted: a retry after a later failure in this
+            // batch must not apply it again.
             inner.applied.store(r.seq, Ordering::Release);
         }
     }
@@ -440,36 +523,322 @@ fn apply_next(
     inner.payload_applied.fetch_add(payload, Ordering::Relaxed);
     inner.applied.store(last, Ordering::Release);
     set_error(inner, None);
-    // "Applied" may be acknowledged before it is persisted: the receive
-    // log keeps every record above the persisted applied seq.
+    // Only the durable seq is acknowledged (the persister advances it).
     publish(inner);
     None
 }
 
-/// Makes the mirror durable, then the applied seq; then trims the receive log.
-fn persist(inner: &Inner, applied: u64, persisted: &mut u64, last: &mut Instant) {
-    *last = Instant::now();
-    if let Err(e) = syncfs(&inner.mirror) {
-        warn!(error = %e, "syncfs of the mirror failed");
+/// Makes the mirror durable, then the applied seq; then trims the receive
+/// log and tells the primary.
+fn persist(inner: &Inner) {
+    // Read before the sync: the sync covers everything applied through it.
+    let resets = inner.resets.load(Ordering::Acquire);
+    let applied = inner.applied.load(Ordering::Acquire);
+    let synced = inner.sync.sync(&inner.mirror);
+    {
+        let mut g = inner.sync_error.lock().unwrap_or_else(|e| e.into_inner());
+        let now = synced
+            .as_ref()
+            .err()
+            .map(|e| format!("cannot sync the mirror: {e}"));
+        if *g != now {
+            match &now {
+                Some(m) => error!(error = %m, "the applied seq stays where it is; retrying"),
+                None => info!("the mirror syncs again"),
+            }
+            *g = now;
+        }
+    }
+    if synced.is_err() {
+        publish(inner);
         return;
     }
     let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
-    let s = st.state;
-    if s.applied >= applied {
-        *persisted = s.applied;
-    } else if let Err(e) = st.store(ApplyState { applied, ..s }) {
-        warn!(error = %e, "cannot persist the applied seq");
+    if inner.resets.load(Ordering::Acquire) != resets {
+        // A snapshot reset the replica meanwhile: `applied` is stale.
         return;
-    } else {
-        *persisted = applied;
     }
+    let s = st.state;
+    if s.applied < applied {
+        // A pending namespace intent is at s.applied + 1 <= applied: its
+        // record is applied and now synced, so the intent is done.
+        if let Err(e) = st.store(ApplyState {
+            applied,
+            intent_seq: 0,
+            intent_dev: 0,
+            intent_ino: 0,
+            ..s
+        }) {
+            warn!(error = %e, "cannot persist the applied seq");
+            return;
+        }
+    }
+    let persisted = st.state.applied;
+    inner.durable.fetch_max(persisted, Ordering::AcqRel);
     drop(st);
     if let Err(e) = inner
         .log
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .trim(*persisted)
+        .trim(persisted)
     {
         warn!(error = %e, "cannot trim the receive log");
+    }
+    publish(inner);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::record::{Op, Record};
+    use crate::protocol::message::encode_records;
+    use std::time::Instant;
+
+    /// Record `seq` writes its own number at `8 * (seq - 1)` of `f`, or (for
+    /// the seqs in `dirs`) creates the directory `d<seq>`.
+    fn rec(seq: u64, dirs: &[u64]) -> Record {
+        if dirs.contains(&seq) {
+            Record {
+                seq,
+                op: Op::Mkdir {
+                    path: format!("d{seq}").into_bytes(),
+                    mode: 0o40755,
+                    uid: 0,
+                    gid: 0,
+                },
+                data: vec![],
+            }
+        } else {
+            Record {
+                seq,
+                op: Op::Write {
+                    path: b"f".to_vec(),
+                    offset: 8 * (seq - 1),
+                },
+                data: seq.to_le_bytes().to_vec(),
+            }
+        }
+    }
+
+    /// The highest seq through which the mirror shows every record's effect.
+    fn visible_through(mirror: &Path, dirs: &[u64]) -> u64 {
+        let f = std::fs::read(mirror.join("f")).unwrap_or_default();
+        let mut seq = 0u64;
+        loop {
+            let n = seq + 1;
+            let there = if dirs.contains(&n) {
+                mirror.join(format!("d{n}")).is_dir()
+            } else {
+                let at = 8 * (n as usize - 1);
+                f.get(at..at + 8) == Some(&n.to_le_bytes()[..])
+            };
+            if !there {
+                return seq;
+            }
+            seq = n;
+        }
+    }
+
+    /// A sync the test controls: it can refuse, and it records how far the
+    /// mirror visibly was when a sync succeeded (what a power cut keeps).
+    struct Probe {
+        mirror: PathBuf,
+        dirs: Vec<u64>,
+        refuse: AtomicBool,
+        durable_through: AtomicU64,
+        calls: AtomicU64,
+    }
+
+    impl MirrorSync for Probe {
+        fn sync(&self, mirror: &Path) -> std::io::Result<()> {
+            assert_eq!(mirror, self.mirror);
+            self.calls.fetch_add(1, Ordering::AcqRel);
+            if self.refuse.load(Ordering::Acquire) {
+                return Err(std::io::Error::other("sync refused by the test"));
+            }
+            // Read before syncing: a record applied after the read may or
+            // may not be covered, so it does not count.
+            let v = visible_through(mirror, &self.dirs);
+            syncfs(mirror)?;
+            self.durable_through.fetch_max(v, Ordering::AcqRel);
+            Ok(())
+        }
+    }
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        state: PathBuf,
+        mirror: PathBuf,
+        probe: Arc<Probe>,
+    }
+
+    impl Rig {
+        fn new(dirs: &[u64]) -> Rig {
+            let d = tempfile::tempdir().unwrap();
+            let mirror = d.path().join("mirror");
+            std::fs::create_dir(&mirror).unwrap();
+            std::fs::write(mirror.join("f"), b"").unwrap();
+            let mirror = mirror.canonicalize().unwrap();
+            let probe = Arc::new(Probe {
+                mirror: mirror.clone(),
+                dirs: dirs.to_vec(),
+                refuse: AtomicBool::new(false),
+                durable_through: AtomicU64::new(0),
+                calls: AtomicU64::new(0),
+            });
+            Rig {
+                state: d.path().join("state"),
+                mirror,
+                probe,
+                _dir: d,
+            }
+        }
+
+        fn open(&self) -> Replica {
+            Replica::open_with_sync(&self.state, &self.mirror, self.probe.clone()).unwrap()
+        }
+
+        fn store(&self, r: &Replica, first: u64, last: u64) {
+            let recs: Vec<Record> = (first..=last).map(|s| rec(s, &self.probe.dirs)).collect();
+            r.store(first, last, &encode_records(&recs)).unwrap();
+        }
+
+        /// The applied seq in `replica.state`, read as a restart would.
+        fn persisted(&self) -> u64 {
+            StateFile::open(&self.state.join("replica.state"))
+                .unwrap()
+                .state
+                .applied
+        }
+
+        /// Neither the acknowledged nor the persisted applied seq runs ahead
+        /// of what a sync made durable, nor of what is applied.
+        fn check(&self, r: &Replica) {
+            // Read what the replica claims first: durability only grows.
+            let acked = r.progress().borrow().applied;
+            let reported = r.applied();
+            let persisted = self.persisted();
+            let durable = self.probe.durable_through.load(Ordering::Acquire);
+            let applied = r.mirror_applied();
+            for (what, v) in [
+                ("acknowledged", acked),
+                ("reported", reported),
+                ("persisted", persisted),
+            ] {
+                assert!(
+                    v <= durable,
+                    "{what} applied {v} > durable {durable} (mirror applied {applied})"
+                );
+                assert!(v <= r.mirror_applied().max(persisted), "{what} {v}");
+            }
+        }
+
+        /// Waits for `cond`, checking the invariant all along.
+        fn wait(&self, r: &Replica, what: &str, cond: impl Fn(&Replica) -> bool) {
+            let start = Instant::now();
+            while !cond(r) {
+                self.check(r);
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "timed out waiting for {what}; error {:?}",
+                    r.error()
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            self.check(r);
+        }
+
+        /// Waits until the persister has run `n` more passes.
+        fn passes(&self, r: &Replica, n: u64) {
+            let p0 = r.persist_passes();
+            self.wait(r, "persist passes", |r| r.persist_passes() >= p0 + n);
+        }
+    }
+
+    /// The acknowledged and the persisted applied seq never exceed what is
+    /// applied and durable in the mirror: not while syncs fail, not for data
+    /// records, not for namespace records, not at a stop.
+    #[test]
+    fn acked_and_persisted_applied_never_exceed_the_durable_mirror() {
+        let dirs = [5, 9, 13];
+        let rig = Rig::new(&dirs);
+        let r = rig.open();
+        rig.probe.refuse.store(true, Ordering::Release);
+        rig.store(&r, 1, 4);
+        rig.wait(&r, "data records applied", |r| r.mirror_applied() == 4);
+        assert_eq!(visible_through(&rig.mirror, &dirs), 4);
+        // The persister tried (and could not sync): nothing is claimed.
+        rig.passes(&r, 2);
+        assert_eq!(r.progress().borrow().applied, 0);
+        assert_eq!(rig.persisted(), 0);
+        // And says why, to the primary too.
+        let shown = r.progress().borrow().error.clone().unwrap_or_default();
+        assert!(shown.contains("cannot sync the mirror"), "{shown:?}");
+        // A namespace record cannot go ahead without a sync of what precedes it.
+        rig.store(&r, 5, 6);
+        rig.wait(&r, "the namespace record to fail", |r| {
+            r.error().is_some_and(|e| e.contains("applying record 5"))
+        });
+        assert!(!rig.mirror.join("d5").exists());
+        assert_eq!(r.mirror_applied(), 4);
+        assert_eq!(rig.persisted(), 0);
+        // Syncs work again: everything becomes durable, then acknowledged.
+        rig.probe.refuse.store(false, Ordering::Release);
+        rig.wait(&r, "seq 6 acknowledged", |r| {
+            r.progress().borrow().applied == 6
+        });
+        // More, mixed in batches, while the invariant is watched.
+        rig.store(&r, 7, 8);
+        rig.store(&r, 9, 12);
+        rig.store(&r, 13, 15);
+        rig.wait(&r, "seq 15 acknowledged", |r| {
+            r.progress().borrow().applied == 15
+        });
+        assert_eq!(rig.persisted(), 15);
+        assert_eq!(r.applied(), 15);
+        assert_eq!(r.error(), None);
+        // Quiet now: exact values, not just bounds.
+        rig.passes(&r, 2);
+        rig.check(&r);
+        assert_eq!(r.progress().borrow().applied, 15);
+        assert_eq!(rig.persisted(), 15);
+        r.stop();
+        assert_eq!(rig.persisted(), 15);
+        assert_eq!(visible_through(&rig.mirror, &dirs), 15);
+    }
+
+    /// A replica stopped while its mirror is not durable restarts from what
+    /// was persisted, with every record above it still in the receive log.
+    #[test]
+    fn receive_log_keeps_what_is_not_durable_across_a_restart() {
+        let dirs = [3];
+        let rig = Rig::new(&dirs);
+        let r = rig.open();
+        rig.store(&r, 1, 2);
+        rig.wait(&r, "seq 2 acknowledged", |r| {
+            r.progress().borrow().applied == 2
+        });
+        rig.probe.refuse.store(true, Ordering::Release);
+        rig.store(&r, 3, 3);
+        rig.store(&r, 4, 6);
+        rig.wait(&r, "the namespace record to fail", |r| {
+            r.error().is_some_and(|e| e.contains("applying record 3"))
+        });
+        r.stop();
+        drop(r);
+        assert_eq!(rig.persisted(), 2);
+        rig.probe.refuse.store(false, Ordering::Release);
+        let r = rig.open();
+        assert_eq!((r.received(), r.applied()), (6, 2));
+        rig.wait(&r, "seq 6 acknowledged", |r| {
+            r.progress().borrow().applied == 6
+        });
+        rig.store(&r, 7, 7);
+        rig.wait(&r, "seq 7 acknowledged", |r| {
+            r.progress().borrow().applied == 7
+        });
+        r.stop();
+        assert_eq!(rig.persisted(), 7);
+        assert_eq!(visible_through(&rig.mirror, &dirs), 7);
     }
 }

@@ -7,10 +7,13 @@
 //! not applied yet) and a torn tail is cut. Segments whose batches are all
 //! applied and persisted are deleted.
 //!
-//! Applied state: `replica.state`, two 64-byte slots (at 0 and 4096) written
-//! alternately with a generation counter and a crc, each write fdatasync'ed;
-//! the valid slot with the highest generation wins. It holds the mirror's owner
-//! (volume id), the applied seq and the namespace intent (see `apply.rs`).
+//! Applied state: `replica.state`, two 128-byte slots (at 0 and 4096) written
+//! alternately, each write fdatasync'ed; the valid slot with the highest
+//! generation wins. A slot, little-endian: magic `RFRS` (4 bytes), format 1 (1
+//! byte), 3 zero bytes, then u64s at 8: generation, volume id (the mirror's
+//! owner), applied seq (durable: the mirror was synced before it was stored),
+//! intent seq (0: none; see `apply.rs`), intent dev, intent ino,
+//! lenient_through; a crc32 of bytes 0..120 at 120.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};

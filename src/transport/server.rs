@@ -57,6 +57,7 @@ impl ReplicaServer {
         let mut i = self.info();
         let received = r.received();
         let applied = r.applied();
+        let mirror_applied = r.mirror_applied().max(applied);
         let payload = r.payload_applied();
         let now = Instant::now();
         let throughput = match i.rate {
@@ -96,6 +97,7 @@ impl ReplicaServer {
                 last_sent: i.primary_last,
                 received,
                 applied,
+                mirror_applied: Some(mirror_applied),
                 lag_records: i.primary_last.saturating_sub(applied),
                 lag_bytes: 0,
                 lag_seconds: 0.0,
@@ -219,6 +221,11 @@ async fn session(
                             .await
                             .map_err(|e| e.to_string())??;
                             snap = Some(Arc::new(std::sync::Mutex::new(sa)));
+                            // The reset is durable: tell the primary, whose
+                            // resync obligation now rests with this replica
+                            // (a fresh replica always gets a snapshot).
+                            let ack = rx.snapshot_reset();
+                            write_message(send, &ack).await?;
                             continue;
                         }
                         let sa = snap.clone().ok_or("snapshot message outside a snapshot")?;
@@ -283,7 +290,7 @@ async fn session(
                 if r.is_err() {
                     return Err("replica stopped".into());
                 }
-                if rx.state() == ReceiverState::Streaming {
+                if rx.state() == ReceiverState::Streaming && !rx.in_snapshot() {
                     let p = progress.borrow_and_update().clone();
                     let ack = rx.progress(p.received, p.applied, p.error);
                     write_message(send, &ack).await?;

@@ -6,9 +6,9 @@
 //! applied, up to its cap). Once every peer has applied a seq, the journal is
 //! trimmed through it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -75,8 +75,8 @@ pub struct ShipperOptions {
     pub bandwidth_limit: u64,
     pub sender: SenderConfig,
     /// The journal did not close cleanly last time: what it lost (names
-    /// included) is unknown, so every peer gets a snapshot on its first
-    /// connection.
+    /// included) is unknown, so every peer is owed a snapshot (persisted in
+    /// the state dir until the peer has applied one, see [`Obligations`]).
     pub snapshot_first: bool,
 }
 
@@ -120,6 +120,8 @@ struct Shared {
     hidden: Option<Vec<u8>>,
     /// A catch-up pass met a dropped namespace change.
     namespace_loss: AtomicBool,
+    /// Peers owed a snapshot after an unclean stop.
+    obligations: Obligations,
 }
 
 impl Shared {
@@ -144,6 +146,99 @@ impl Shared {
             .find(|(l, _)| *l > applied)
             .map(|(_, t)| t.elapsed().as_secs_f64())
             .unwrap_or(0.0)
+    }
+}
+
+/// Peers owed a full snapshot after an unclean stop of the journal (what it
+/// lost is unknown). Kept in `resync-owed` in the state dir, one peer
+/// fingerprint (hex) per line, replaced atomically (private temp file,
+/// fsync, rename, fsync of the dir), so a clean restart before an offline
+/// peer comes back keeps the obligation. A peer's line goes only once it has
+/// applied a snapshot.
+pub struct Obligations {
+    path: PathBuf,
+    owed: Mutex<BTreeSet<String>>,
+}
+
+pub const OBLIGATIONS_FILE: &str = "resync-owed";
+
+impl Obligations {
+    pub fn load(state_dir: &Path) -> Result<Obligations, String> {
+        let path = state_dir.join(OBLIGATIONS_FILE);
+        let mut owed = BTreeSet::new();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                    let fp = Fingerprint::parse(line)
+                        .map_err(|e| format!("{} is corrupt: {e}", path.display()))?;
+                    owed.insert(fp.to_string());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        }
+        Ok(Obligations {
+            path,
+            owed: Mutex::new(owed),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.owed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn owes(&self, peer: &Fingerprint) -> bool {
+        self.lock().contains(&peer.to_string())
+    }
+
+    pub fn owed(&self) -> Vec<String> {
+        self.lock().iter().cloned().collect()
+    }
+
+    /// Every one of `peers` is owed a snapshot, durably before this returns.
+    pub fn owe(&self, peers: &[Fingerprint]) -> Result<(), String> {
+        let mut owed = self.lock();
+        let mut next = owed.clone();
+        next.extend(peers.iter().map(|p| p.to_string()));
+        if next != *owed {
+            self.write(&next)?;
+            *owed = next;
+        }
+        Ok(())
+    }
+
+    /// `peer` has applied a snapshot.
+    pub fn fulfil(&self, peer: &Fingerprint) -> Result<(), String> {
+        let mut owed = self.lock();
+        let mut next = owed.clone();
+        if next.remove(&peer.to_string()) {
+            self.write(&next)?;
+            *owed = next;
+        }
+        Ok(())
+    }
+
+    fn write(&self, owed: &BTreeSet<String>) -> Result<(), String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = self.path.with_extension("tmp");
+        let body: String = owed.iter().map(|f| format!("{f}\n")).collect();
+        let r = (|| {
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(body.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            match self.path.parent() {
+                Some(d) => std::fs::File::open(d)?.sync_all(),
+                None => Ok(()),
+            }
+        })();
+        r.map_err(|e| format!("cannot write {}: {e}", self.path.display()))
     }
 }
 
@@ -184,6 +279,16 @@ impl Shipper {
     ) -> Result<Shipper, String> {
         let id = Identity::load_or_generate(state_dir)?;
         let vid = volume_id(state_dir)?;
+        let obligations = Obligations::load(state_dir)?;
+        if options.snapshot_first {
+            // Durable before any peer is served: a restart keeps the debt.
+            let fps: Vec<Fingerprint> = options.peers.iter().map(|p| p.fingerprint).collect();
+            obligations.owe(&fps)?;
+        }
+        let owed = obligations.owed();
+        if !owed.is_empty() {
+            info!(peers = ?owed, "peers owed a full snapshot (resync-owed)");
+        }
         let hidden = catch_up.as_ref().and_then(|c| {
             use std::os::unix::ffi::OsStrExt;
             let sd = state_dir.canonicalize().ok()?;
@@ -212,6 +317,7 @@ impl Shipper {
             catch_up: catch_up.map(Arc::new),
             hidden,
             namespace_loss: AtomicBool::new(false),
+            obligations,
         });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -317,6 +423,7 @@ fn status(sh: &Shared) -> Status {
                 last_sent: s.sent,
                 received: s.received,
                 applied,
+                mirror_applied: None,
                 lag_records: last.saturating_sub(applied),
                 lag_bytes: s.unapplied.iter().map(|(_, b)| b).sum(),
                 lag_seconds: if applied >= last {
@@ -390,10 +497,9 @@ async fn housekeeping(sh: Arc<Shared>) {
 async fn peer_loop(sh: Arc<Shared>, i: usize, id: Identity, vid: u64, opts: ShipperOptions) {
     let peer = sh.peers[i].0.clone();
     let mut backoff = Duration::from_millis(200);
-    let mut snapshot_first = opts.snapshot_first;
     while !sh.stop.load(Ordering::Acquire) {
         let started = Instant::now();
-        let r = connection(&sh, i, &id, vid, &opts, &mut snapshot_first).await;
+        let r = connection(&sh, i, &id, vid, &opts).await;
         {
             let mut s = sh.peer(i);
             s.connected = false;
@@ -444,14 +550,20 @@ enum Read {
     Gap(u64, u64),
 }
 
+/// Reads a batch from `from`, never beyond the journal's durable seq: a
+/// record that is written but not durable may vanish in a power cut, and its
+/// seq be reused for other content after the restart.
 fn read_batch(
     j: &Journal,
     from: u64,
     max_records: usize,
     max_bytes: usize,
 ) -> Result<Read, String> {
-    let last = j.last_seq();
+    let last = j.durable_seq();
     let target = last.min(from + max_records as u64 - 1);
+    if target < from {
+        return Ok(Read::Records(Vec::new(), from - 1));
+    }
     j.wait_written(target);
     let mut out = Vec::new();
     let mut bytes = 0usize;
@@ -483,7 +595,6 @@ async fn connection(
     id: &Identity,
     vid: u64,
     opts: &ShipperOptions,
-    snapshot_first: &mut bool,
 ) -> Result<(), String> {
     let peer = &sh.peers[i].0;
     let addr: SocketAddr = tokio::net::lookup_host(&peer.address)
@@ -507,7 +618,7 @@ async fn connection(
         .open_bi()
         .await
         .map_err(|e| format!("cannot open a stream: {e}"))?;
-    let r = stream(sh, i, &conn, &mut send, recv, vid, opts, snapshot_first).await;
+    let r = stream(sh, i, &conn, &mut send, recv, vid, opts).await;
     if let Err(e) = &r {
         close_with(&conn, Some(&mut send), e).await;
     } else {
@@ -526,7 +637,6 @@ async fn stream(
     mut recv: quinn::RecvStream,
     vid: u64,
     opts: &ShipperOptions,
-    snapshot_first: &mut bool,
 ) -> Result<(), String> {
     let journal = sh.journal.clone();
     let mut sender = Sender::new(vid, opts.sender.clone());
@@ -563,10 +673,18 @@ async fn stream(
         return Err("handshake did not resume".into());
     };
     if sender.received() > journal.last_seq() {
+        // Its seqs above the journal's end will name other content here: it
+        // is owed a snapshot (sent once the journal is past what it holds),
+        // never a resume that would skip them.
+        let owed = sh.obligations.owe(&[sh.peers[i].0.fingerprint]);
         return Err(format!(
-            "the replica has received through seq {} but this primary's journal ends at {}: the primary lost its journal tail; the replica needs a full resync",
+            "the replica has received through seq {} but this primary's journal ends at {}: the primary lost its journal tail; the replica needs a full resync{}",
             sender.received(),
-            journal.last_seq()
+            journal.last_seq(),
+            match owed {
+                Ok(()) => String::new(),
+                Err(e) => format!(" ({e})"),
+            }
         ));
     }
     {
@@ -585,9 +703,10 @@ async fn stream(
         tokens: 0.0,
         at: Instant::now(),
     };
-    if sender.needs_snapshot() || (*snapshot_first && sh.catch_up.is_some()) {
-        if *snapshot_first {
-            info!(peer = %sh.peers[i].0.address, "the journal was not closed cleanly: this peer gets a full snapshot");
+    let owed = sh.obligations.owes(&sh.peers[i].0.fingerprint);
+    if sender.needs_snapshot() || (owed && sh.catch_up.is_some()) {
+        if owed {
+            info!(peer = %sh.peers[i].0.address, "owed a snapshot (the journal did not close cleanly, or lost records the peer holds): this peer gets a full snapshot");
         }
         let Some(cu) = sh.catch_up.clone() else {
             return Err("the replica is fresh and needs a snapshot, but this sender has no backing dir to read".into());
@@ -596,11 +715,11 @@ async fn stream(
         let at = send_snapshot(sh, i, send, &cu, opts.compression_level, &mut throttle).await?;
         sender.snapshot_sent(at);
         sh.peer(i).sent = at;
-        *snapshot_first = false;
     }
     let mut last_progress = Instant::now();
     let mut last_received = sender.received();
     let mut inconsistent_since: Option<Instant> = None;
+    let mut sync_requested = 0u64;
     let mut idle = tokio::time::interval(Duration::from_millis(2));
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -646,8 +765,16 @@ async fn stream(
             ));
         }
         let want = sender.wants();
-        let ready = want.is_some_and(|from| journal.last_seq() >= from);
+        let ready = want.is_some_and(|from| journal.durable_seq() >= from);
         if !ready {
+            // Records written but not durable yet: a group commit, asked for
+            // only while there is nothing durable to send.
+            if let Some(from) = want {
+                let last = journal.last_seq();
+                if last >= from && last > sync_requested && journal.request_sync(last) {
+                    sync_requested = last;
+                }
+            }
             tokio::select! {
                 m = rx.recv() => {
                     let m = m.ok_or("replica went away")?;
@@ -664,6 +791,7 @@ async fn stream(
             .await
             .map_err(|e| e.to_string())??;
         let (records, through) = match read {
+            Read::Records(_, t) if t < from => continue,
             Read::Records(r, t) => (r, t),
             Read::Gap(from, to) => {
                 let stats = journal.stats();
@@ -897,6 +1025,17 @@ async fn send_snapshot(
             s.payload_bytes += got as u64;
         }
     }
+    // The peer will hold seq `at`: it must not be a seq a power cut could
+    // hand out again.
+    // One queued request is enough: the writer keeps its sync target.
+    let mut requested = false;
+    while sh.journal.durable_seq() < at {
+        if sh.stop.load(Ordering::Acquire) {
+            return Err("stopping".into());
+        }
+        requested = requested || sh.journal.request_sync(at);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let lenient_through = sh.journal.last_seq().max(at);
     write_message(
         send,
@@ -919,7 +1058,20 @@ impl Drop for AbortOnDrop {
 }
 
 fn on_message(sh: &Shared, i: usize, sender: &mut Sender, m: Message) -> Result<(), String> {
-    sender.handle(m).map_err(|e| e.to_string())?;
+    if let SenderEvent::SnapshotApplied { at } = sender.handle(m).map_err(|e| e.to_string())? {
+        let peer = &sh.peers[i].0;
+        if sh.obligations.owes(&peer.fingerprint) {
+            // A failure leaves the debt in place: one more snapshot later.
+            match sh.obligations.fulfil(&peer.fingerprint) {
+                Ok(()) => {
+                    info!(peer = %peer.address, at, "the snapshot owed after an unclean stop is applied")
+                }
+                Err(e) => {
+                    warn!(peer = %peer.address, error = %e, "cannot record the applied snapshot")
+                }
+            }
+        }
+    }
     let mut s = sh.peer(i);
     s.received = sender.received();
     let applied = sender.applied();
@@ -931,4 +1083,95 @@ fn on_message(sh: &Shared, i: usize, sender: &mut Sender, m: Message) -> Result<
     }
     s.error = sender.remote_error().map(|e| format!("replica: {e}"));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::JournalOptions;
+    use crate::journal::record::Op;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn append(j: &Journal, n: u64) -> u64 {
+        let mut last = 0;
+        for i in 0..n {
+            last = j.append(
+                &Op::Write {
+                    path: b"f".to_vec(),
+                    offset: i * 4096,
+                },
+                &[i as u8; 100],
+            );
+        }
+        j.wait_written(last);
+        last
+    }
+
+    fn through(r: Read) -> u64 {
+        match r {
+            Read::Records(recs, t) => {
+                assert!(recs.iter().all(|r| r.seq <= t));
+                t
+            }
+            Read::Gap(..) => panic!("unexpected gap"),
+        }
+    }
+
+    /// Records written but not durable are never read for shipping; once
+    /// synced they are.
+    #[test]
+    fn batches_never_go_beyond_the_durable_seq() {
+        let d = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(d.path(), JournalOptions::default()).unwrap();
+        let last = append(&j, 5);
+        assert_eq!(last, 5);
+        // Nothing asked for a sync: whatever the read returns is durable.
+        let t = through(read_batch(&j, 1, 100, 1 << 20).unwrap());
+        assert!(t <= j.durable_seq(), "read through {t} beyond durable");
+        j.sync_through(3);
+        assert_eq!(j.durable_seq(), 5);
+        assert_eq!(through(read_batch(&j, 1, 100, 1 << 20).unwrap()), 5);
+        let last = append(&j, 3);
+        assert_eq!(last, 8);
+        let t = through(read_batch(&j, 6, 100, 1 << 20).unwrap());
+        assert!(t <= j.durable_seq(), "read through {t} beyond durable");
+        // A requested sync arrives without anyone waiting for it.
+        assert!(j.request_sync(8));
+        let start = Instant::now();
+        while j.durable_seq() < 8 {
+            assert!(start.elapsed() < Duration::from_secs(60));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(through(read_batch(&j, 6, 100, 1 << 20).unwrap()), 8);
+        j.close().unwrap();
+    }
+
+    /// The debt survives a reopen (a restart), is private, and goes only
+    /// for the peer that was served.
+    #[test]
+    fn resync_obligations_persist_until_fulfilled() {
+        let d = tempfile::tempdir().unwrap();
+        let a = Fingerprint([1; 32]);
+        let b = Fingerprint([2; 32]);
+        let o = Obligations::load(d.path()).unwrap();
+        assert!(!o.owes(&a));
+        assert!(!d.path().join(OBLIGATIONS_FILE).exists());
+        o.owe(&[a, b]).unwrap();
+        let m = std::fs::metadata(d.path().join(OBLIGATIONS_FILE)).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        drop(o);
+        let o = Obligations::load(d.path()).unwrap();
+        assert!(o.owes(&a) && o.owes(&b));
+        o.fulfil(&a).unwrap();
+        drop(o);
+        let o = Obligations::load(d.path()).unwrap();
+        assert!(!o.owes(&a));
+        assert!(o.owes(&b));
+        // Owing again what is owed changes nothing; no temp file is left.
+        o.owe(&[b]).unwrap();
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+        // A damaged file is an error, not a silently forgotten debt.
+        std::fs::write(d.path().join(OBLIGATIONS_FILE), "not a fingerprint\n").unwrap();
+        assert!(Obligations::load(d.path()).is_err());
+    }
 }

@@ -25,7 +25,13 @@ pub struct PeerStatus {
     pub error: Option<String>,
     pub last_sent: u64,
     pub received: u64,
+    /// Durably applied: on a replica, the mirror is synced and `replica.state`
+    /// says so; this is what the replica acknowledges and the primary trims on.
     pub applied: u64,
+    /// Replica side only: how far the mirror has been brought, possibly not
+    /// yet durable (at least `applied`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_applied: Option<u64>,
     pub lag_records: u64,
     pub lag_bytes: u64,
     pub lag_seconds: f64,
@@ -145,7 +151,7 @@ pub fn render(s: &Status) -> String {
     }
     for p in &s.peers {
         out.push_str(&format!(
-            "peer {} ({})\n  {}{}{}\n  sent {}  received {}  applied {}\n  lag {} records, {}, {:.2} s\n  throughput {}/s  wire {}  payload {}\n",
+            "peer {} ({})\n  {}{}{}\n  sent {}  received {}  applied {}{}\n  lag {} records, {}, {:.2} s\n  throughput {}/s  wire {}  payload {}\n",
             if p.address.is_empty() { "-" } else { &p.address },
             if p.fingerprint.len() > 16 {
                 &p.fingerprint[..16]
@@ -160,6 +166,10 @@ pub fn render(s: &Status) -> String {
             p.last_sent,
             p.received,
             p.applied,
+            p.mirror_applied
+                .map(|m| format!(" (in the mirror, not all synced yet: {m})"))
+                .filter(|_| p.mirror_applied > Some(p.applied))
+                .unwrap_or_default(),
             p.lag_records,
             human_bytes(p.lag_bytes as f64),
             p.lag_seconds,
