@@ -180,6 +180,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Demo(_) | Command::Status { .. }) {
+        // Whatever the daemon creates for itself (journal, sled index, keys,
+        // status socket, replica state) is private. Files made on a caller's
+        // behalf through the mount get the caller's umask instead (see the volume).
+        // SAFETY: umask has no preconditions.
+        unsafe {
+            let old = libc::umask(0o077);
+            libc::umask(old | 0o077);
+        }
+    }
     let result = match cli.command {
         Command::Mount(args) => run_mount(args),
         Command::Journal { command } => run_journal(command),
@@ -371,6 +381,10 @@ fn run_replica(args: ReplicaArgs) -> Result<(), BoxError> {
     let mountpoint = args.mount.clone().or(rc.mount.clone());
     let id = Identity::load(&state_dir)?;
     let replica = Arc::new(Replica::open(&state_dir, &mirror)?);
+    // After the open, which refuses a state dir holding the mirror: the state
+    // of an older version may have loose modes.
+    mount::secure_state_dir(&state_dir)
+        .map_err(|e| format!("cannot make {} private: {e}", state_dir.display()))?;
     let srv = ReplicaServer::new(replica.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
