@@ -434,6 +434,7 @@ pub fn mount(opts: &MountOptions) -> Result<Mounted, MountError> {
         (Some(jopts), false) => {
             let exclusions = Exclusions::new(&opts.exclude).map_err(MountError::Exclusions)?;
             let (journal, recovery) = Journal::open(&checked.state_dir, jopts.clone())?;
+            journal.set_backing_dir(&checked.backing);
             if !recovery.clean {
                 warn!(
                     torn_bytes = recovery.torn_bytes,

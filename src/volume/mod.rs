@@ -835,7 +835,8 @@ impl Volume {
             if let Some(seq) = seq
                 && f.flags & (libc::O_SYNC | libc::O_DSYNC) != 0
             {
-                r.journal().sync_through(seq);
+                // Not journaled durably: the write is not synchronous either.
+                r.journal().sync_through(seq).map_err(|_| Error::EIO)?;
             }
         }
         Ok(len)
@@ -886,8 +887,10 @@ impl Volume {
         let f = self.handles.file(fh)?;
         sys::fsync(f.file.as_raw_fd(), datasync)?;
         if let Some(r) = &self.recorder {
+            // A record the journal could not make durable fails the fsync.
             r.journal()
-                .sync_through(f.inode.last_seq.load(std::sync::atomic::Ordering::Acquire));
+                .sync_through(f.inode.last_seq.load(std::sync::atomic::Ordering::Acquire))
+                .map_err(|_| Error::EIO)?;
         }
         Ok(())
     }
@@ -1089,7 +1092,9 @@ impl Volume {
         sys::fsync(fd.as_raw_fd(), datasync)?;
         // Names in the directory are namespace records: make all of them durable.
         if let Some(r) = &self.recorder {
-            r.journal().sync_through(r.journal().last_seq());
+            r.journal()
+                .sync_through(r.journal().last_seq())
+                .map_err(|_| Error::EIO)?;
         }
         Ok(())
     }
