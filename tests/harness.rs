@@ -91,3 +91,33 @@ fn compare_trees_sees_differences() {
             .any(|d| d.contains("g: type file vs dir"))
     );
 }
+
+fn current_umask() -> libc::mode_t {
+    // SAFETY: umask has no preconditions; the old value is put back at once.
+    unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m
+    }
+}
+
+/// The cause of a flaky `compare_trees_sees_differences`: mounting used to set
+/// the umask of the whole process to 0, under the feet of tests creating files.
+#[test]
+fn mounting_leaves_the_process_umask_alone() {
+    let before = current_umask();
+    let mut m = TestMount::new();
+    fs::write(m.path("f"), b"x").unwrap();
+    fs::create_dir(m.path("d")).unwrap();
+    assert_eq!(
+        current_umask(),
+        before,
+        "mounting changed the process umask"
+    );
+    m.unmount();
+    assert_eq!(
+        current_umask(),
+        before,
+        "unmounting changed the process umask"
+    );
+}
