@@ -92,8 +92,10 @@ fn compare_trees_sees_differences() {
     );
 }
 
-fn current_umask() -> libc::mode_t {
-    // SAFETY: umask has no preconditions; the old value is put back at once.
+/// The umask of this thread, which must have its own (see below).
+fn thread_umask() -> libc::mode_t {
+    // SAFETY: umask has no preconditions; the old value is put back at once,
+    // and the umask is private to this thread.
     unsafe {
         let m = libc::umask(0o022);
         libc::umask(m);
@@ -105,19 +107,26 @@ fn current_umask() -> libc::mode_t {
 /// the umask of the whole process to 0, under the feet of tests creating files.
 #[test]
 fn mounting_leaves_the_process_umask_alone() {
-    let before = current_umask();
+    // A umask of this thread's own (threads it starts share it), so that
+    // other tests of this binary neither disturb nor see what happens here.
+    // SAFETY: unshare(CLONE_FS) only detaches this thread's fs attributes.
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_FS) }, 0);
+    // SAFETY: as above.
+    unsafe { libc::umask(0o027) };
     let mut m = TestMount::new();
     fs::write(m.path("f"), b"x").unwrap();
     fs::create_dir(m.path("d")).unwrap();
-    assert_eq!(
-        current_umask(),
-        before,
-        "mounting changed the process umask"
-    );
+    assert_eq!(thread_umask(), 0o027, "mounting changed the umask");
+    // The caller's umask applied once, by the kernel.
+    let mode = |p: &str| {
+        fs::metadata(m.backing_path(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("f"), 0o640);
+    assert_eq!(mode("d"), 0o750);
     m.unmount();
-    assert_eq!(
-        current_umask(),
-        before,
-        "unmounting changed the process umask"
-    );
+    assert_eq!(thread_umask(), 0o027, "unmounting changed the umask");
 }
