@@ -425,3 +425,88 @@ fn inspecting_a_crashed_state_dir_leaves_it_to_recovery() {
         "the hot extent is not dirty"
     );
 }
+
+/// A tmpfs of its own, unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A real I/O failure under the journal (its filesystem full), no failpoint:
+/// the fsync that needed the failed record gets EIO, its region is dirty, the
+/// journal goes on once there is room, and no CLEAN is written at the end.
+#[test]
+fn a_failed_journal_write_fails_the_fsync_and_marks_the_region_dirty() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    let mnt = dir.path().join("mnt");
+    let fs_dir = dir.path().join("statefs");
+    for d in [&backing, &mnt, &fs_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"])
+        .arg(&fs_dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let _fs = SmallFs(fs_dir.clone());
+    let state = fs_dir.join("state");
+    let config = dir.path().join("replicafs.toml");
+    std::fs::write(
+        &config,
+        format!("state_dir = {:?}\n", state.display().to_string()),
+    )
+    .unwrap();
+
+    let mut m = MountProc::start(&backing, &mnt, &config);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(mnt.join("disk.img"))
+        .unwrap();
+    f.write_all_at(&[1u8; 65536], 0).unwrap();
+    f.sync_data().unwrap();
+
+    // Fill the journal's filesystem.
+    let filler_path = fs_dir.join("filler");
+    let mut filler = std::fs::File::create(&filler_path).unwrap();
+    let chunk = vec![0u8; 4096];
+    while filler.write_all(&chunk).is_ok() {}
+    drop(filler);
+
+    f.write_all_at(&[2u8; 65536], 0).unwrap();
+    let err = f
+        .sync_data()
+        .expect_err("fsync acknowledged a record the journal could not write");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Same answer again: the record never becomes durable.
+    assert_eq!(f.sync_data().unwrap_err().raw_os_error(), Some(libc::EIO));
+
+    // Room again: later records are journaled and durable.
+    std::fs::remove_file(&filler_path).unwrap();
+    f.write_all_at(&[3u8; 65536], 1 << 20).unwrap();
+    f.sync_data().unwrap();
+    drop(f);
+
+    // Read-only: the failed write's region is in the dirty list already.
+    let dirty = dirty_regions(&state);
+    assert!(
+        dirty
+            .iter()
+            .any(|d| d.path == b"disk.img" && d.offset == 0 && d.len >= 65536),
+        "the failed record's region is not dirty: {:?}",
+        dirty.iter().map(|d| (d.offset, d.len)).collect::<Vec<_>>()
+    );
+    m.stop();
+    assert!(
+        !state.join("journal/CLEAN").exists(),
+        "CLEAN written over a failed journal write"
+    );
+}

@@ -711,6 +711,10 @@ impl Journal {
         {
             let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
             if !st.failed.is_empty() || st.settled < st.written {
+                // The dirty marks of the failed records must outlive us.
+                if let Err(e) = self.db.flush() {
+                    error!(error = %e, "cannot flush the dirty list");
+                }
                 return Err(JournalError::Io(io::Error::other(format!(
                     "records {:?} could not be made durable (their regions are dirty);                      leaving the journal to recovery",
                     st.failed
@@ -1342,6 +1346,10 @@ impl Writer {
             }
         }
         mark_ops_dirty(&self.dirty, ops);
+        // Persistently: a restart must still resync these regions.
+        if let Err(e) = self.index.flush() {
+            error!(error = %e, "cannot flush the dirty list");
+        }
     }
 
     /// Seals the active segment and starts the next one. The sealed one is
