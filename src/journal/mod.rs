@@ -716,7 +716,7 @@ impl Journal {
                     error!(error = %e, "cannot flush the dirty list");
                 }
                 return Err(JournalError::Io(io::Error::other(format!(
-                    "records {:?} could not be made durable (their regions are dirty);                      leaving the journal to recovery",
+                    "records {:?} could not be made durable (their regions are dirty): leaving the journal to recovery",
                     st.failed
                 ))));
             }
