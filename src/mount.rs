@@ -435,6 +435,9 @@ pub fn mount(opts: &MountOptions) -> Result<Mounted, MountError> {
             let exclusions = Exclusions::new(&opts.exclude).map_err(MountError::Exclusions)?;
             let (journal, recovery) = Journal::open(&checked.state_dir, jopts.clone())?;
             journal.set_backing_dir(&checked.backing);
+            // The index and logs it just created, whatever this process's umask.
+            secure_state_dir(&checked.state_dir)
+                .map_err(|e| MountError::StateDir(show(&checked.state_dir), e))?;
             if !recovery.clean {
                 warn!(
                     torn_bytes = recovery.torn_bytes,
