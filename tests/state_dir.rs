@@ -213,3 +213,97 @@ fn a_nested_state_dir_cannot_be_moved_or_removed_and_sigterm_stops() {
     );
     assert!(!is_mounted(&mnt));
 }
+
+/// Every path under `root` whose name is `name`.
+fn find_named(root: &Path, name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in fs::read_dir(&p).unwrap() {
+            let e = e.unwrap();
+            if e.file_name() == name {
+                out.push(e.path());
+            }
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// Moved behind the daemon's back (in the backing dir, not through the
+/// mount), the state dir is still not copied to a replica: snapshots skip it
+/// by identity, not by the path it had at start.
+#[test]
+fn a_snapshot_skips_the_state_dir_wherever_it_was_moved() {
+    let base = tempfile::Builder::new()
+        .prefix("replicafs-test")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let b = base.path();
+    let backing = b.join("backing");
+    let mnt = b.join("mnt");
+    let mirror = b.join("mirror");
+    let rstate = b.join("r-state");
+    for d in [&backing, &mnt, &mirror, &rstate] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let pstate = backing.join("meta/state");
+    fs::create_dir_all(&pstate).unwrap();
+    let pfp = keygen(&pstate);
+    let rfp = keygen(&rstate);
+    let port = free_udp_port();
+    let mut primary = Daemon::new(
+        "primary",
+        vec![
+            "mount".into(),
+            backing.display().to_string(),
+            mnt.display().to_string(),
+            "--state-dir".into(),
+            pstate.display().to_string(),
+            "--peer".into(),
+            format!("127.0.0.1:{port}={rfp}"),
+        ],
+        b.join("p.log"),
+        pstate.clone(),
+        Some(mnt.clone()),
+    );
+    let mut replica = Daemon::new(
+        "replica",
+        vec![
+            "replica".into(),
+            "--mirror".into(),
+            mirror.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--state-dir".into(),
+            rstate.display().to_string(),
+            "--trust".into(),
+            pfp,
+        ],
+        b.join("r.log"),
+        rstate.clone(),
+        None,
+    );
+    primary.start();
+    fs::write(mnt.join("meta/disk.img"), vec![4u8; 100_000]).unwrap();
+    sync_path(&mnt);
+    // Behind the daemon's back: the journal and the keys are now elsewhere.
+    fs::rename(backing.join("meta"), backing.join("meta2")).unwrap();
+    replica.start();
+    let start = Instant::now();
+    while fs::read(mirror.join("meta2/disk.img")).ok() != Some(vec![4u8; 100_000]) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the snapshot did not arrive; primary log:\n{}\nreplica log:\n{}",
+            primary.log_text(),
+            replica.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for name in ["node-key.der", "journal", "state"] {
+        let found = find_named(&mirror, name);
+        assert!(found.is_empty(), "copied to the mirror: {found:?}");
+    }
+}
