@@ -1214,7 +1214,6 @@ impl Volume {
     }
 }
 
-/// The record that creates an object like the one `st` describes at `path`.
 /// Runs a create on a caller's behalf with no umask: the kernel already applied
 /// the caller's umask to the mode, and the daemon's own (0077, for its state
 /// dir) must not mask it again. The request thread gets a private umask
@@ -1236,6 +1235,7 @@ fn unmasked<T>(create: impl FnOnce() -> Result<T>) -> Result<T> {
     r
 }
 
+/// The record that creates an object like the one `st` describes at `path`.
 fn creation_op(path: Vec<u8>, st: &libc::stat, fd: std::os::fd::BorrowedFd<'_>) -> Result<Op> {
     Ok(match st.st_mode & libc::S_IFMT {
         libc::S_IFDIR => Op::Mkdir {
