@@ -205,6 +205,8 @@ impl SyncState {
 pub(crate) struct Faults {
     pub fail_write: std::sync::atomic::AtomicBool,
     pub fail_sync: std::sync::atomic::AtomicBool,
+    /// Starting a new segment file fails.
+    pub fail_roll: std::sync::atomic::AtomicBool,
 }
 
 struct Shared {
@@ -432,6 +434,7 @@ impl Journal {
             options: options.clone(),
             dir_dirty: false,
             unsynced: Vec::new(),
+            needs_roll: false,
         };
         let handle = std::thread::Builder::new()
             .name("journal-writer".into())
@@ -1098,6 +1101,9 @@ struct Writer {
     dir_dirty: bool,
     /// Sealed segments written since the last sync.
     unsynced: Vec<std::fs::File>,
+    /// A failed write could not be followed by a new segment: nothing may be
+    /// appended to the current one (its seqs would not be consecutive).
+    needs_roll: bool,
 }
 
 /// Marks the writer stopped when its thread ends, even by a panic, so that no
@@ -1180,9 +1186,9 @@ impl Writer {
         if let Err(e) = self.segment.cut_to_len() {
             error!(error = %e, "cannot cut a failed journal segment write");
         }
-        match self.roll() {
-            Ok(()) => {}
-            Err(e) => error!(error = %e, "cannot start a new journal segment"),
+        if let Err(e) = self.roll() {
+            error!(error = %e, "cannot start a new journal segment");
+            self.needs_roll = true;
         }
         self.sync_target = self.sync_target.max(self.next_write - 1);
         if let Err(e) = self.sync() {
@@ -1194,20 +1200,20 @@ impl Writer {
         let mut batch = sled::Batch::default();
         frames.clear();
         let mut part_bytes = 0u64;
+        if self.needs_roll
+            && self.pending.contains_key(&self.next_write)
+            && let Err(e) = self.roll()
+        {
+            self.skip_pending(None);
+            return Err(e);
+        }
         while let Some((bytes, _)) = self.pending.remove(&self.next_write) {
             if self.segment.len + part_bytes + bytes.len() as u64 > self.options.segment_bytes
                 && self.segment.len + part_bytes > 0
             {
                 let rolled = self.append_frames(frames).and_then(|()| self.roll());
                 if let Err(e) = rolled {
-                    // This frame and the queued ones that follow cannot be
-                    // journaled now: mark them dirty and move past them.
-                    self.mark_frames_dirty(&bytes);
-                    self.next_write += 1;
-                    while let Some((b, _)) = self.pending.remove(&self.next_write) {
-                        self.mark_frames_dirty(&b);
-                        self.next_write += 1;
-                    }
+                    self.skip_pending(Some(bytes));
                     return Err(e);
                 }
                 part_bytes = 0;
@@ -1235,6 +1241,20 @@ impl Writer {
             self.sync()?;
         }
         Ok(())
+    }
+
+    /// The frames queued from `next_write` on (`first` is the one taken
+    /// already) cannot be journaled now: mark them dirty and move past them,
+    /// so that nothing waits for them.
+    fn skip_pending(&mut self, first: Option<Vec<u8>>) {
+        if let Some(b) = first {
+            self.mark_frames_dirty(&b);
+            self.next_write += 1;
+        }
+        while let Some((b, _)) = self.pending.remove(&self.next_write) {
+            self.mark_frames_dirty(&b);
+            self.next_write += 1;
+        }
     }
 
     /// Appends frames with one writev per up to 1024 of them (no extra copy).
@@ -1363,10 +1383,13 @@ impl Writer {
     /// synced with the next sync, not now: a guest flush pays for durability,
     /// a stream of writes does not.
     fn roll(&mut self) -> io::Result<()> {
+        #[cfg(test)]
+        self.shared.fault(&self.shared.faults.fail_roll)?;
         let next = ActiveSegment::create(&self.dir, self.next_write)?;
         let sealed = std::mem::replace(&mut self.segment, next);
         self.unsynced.push(sealed.into_file());
         self.dir_dirty = true;
+        self.needs_roll = false;
         Ok(())
     }
 
@@ -1872,5 +1895,33 @@ mod tests {
         assert_eq!(rec.torn_bytes, 30);
         assert_eq!(rec.hot_extents, 1);
         assert!(dirty_covers(&j, b"disk", 0, 100));
+    }
+
+    #[test]
+    fn after_a_failed_write_nothing_is_appended_until_a_new_segment_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), opts()).unwrap();
+        let a = j.append(&write_op("disk", 0), b"first");
+        j.sync_through(a).unwrap();
+        // The write fails, and so does starting a new segment (a full disk).
+        j.faults().fail_write.store(true, Ordering::Release);
+        j.faults().fail_roll.store(true, Ordering::Release);
+        let b = j.append(&write_op("disk", 4096), b"lost");
+        assert!(is_eio(j.sync_through(b)));
+        j.faults().fail_write.store(false, Ordering::Release);
+        // Writes could go on, but not into the old segment after a gap.
+        let c = j.append(&write_op("disk", 8192), b"also lost");
+        assert!(is_eio(j.sync_through(c)));
+        assert!(dirty_covers(&j, b"disk", 8192, 9));
+        j.faults().fail_roll.store(false, Ordering::Release);
+        let d = j.append(&write_op("disk", 12288), b"kept");
+        j.sync_through(d).unwrap();
+        assert!(j.close().is_err());
+        drop(j);
+        let (j, _) = Journal::open(dir.path(), opts()).unwrap();
+        let seqs: Vec<u64> = all(&j).iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![a, d], "a record after the failures was lost");
+        assert!(dirty_covers(&j, b"disk", 4096, 4));
+        assert!(dirty_covers(&j, b"disk", 8192, 9));
     }
 }
