@@ -58,6 +58,10 @@ fn compare_trees_sees_differences() {
         fs::create_dir(root.join("d")).unwrap();
         fs::write(root.join("d/f"), b"same").unwrap();
         fs::write(root.join("g"), b"content").unwrap();
+        // Explicit modes: the trees must not depend on the process umask.
+        for f in ["d/f", "g"] {
+            fs::set_permissions(root.join(f), fs::Permissions::from_mode(0o644)).unwrap();
+        }
         symlink("d/f", root.join("s")).unwrap();
         fs::create_dir(root.join(".replicafs")).unwrap();
     }
