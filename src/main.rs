@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use replicafs::config::Config;
 use replicafs::fuse::FuseOptions;
 use replicafs::journal::apply::Applier;
-use replicafs::journal::{Journal, Op};
+use replicafs::journal::{Inspection, Op};
 use replicafs::mount::{self, MountOptions, STATE_DIR_NAME};
 use replicafs::protocol::SenderConfig;
 use replicafs::transport::catchup::{CatchUp, WholeRegions};
@@ -180,6 +180,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Demo(_) | Command::Status { .. }) {
+        // Whatever the daemon creates for itself (journal, sled index, keys,
+        // status socket, replica state) is private. Files made on a caller's
+        // behalf through the mount get the caller's umask instead (see the volume).
+        // SAFETY: umask has no preconditions.
+        unsafe {
+            let old = libc::umask(0o077);
+            libc::umask(old | 0o077);
+        }
+    }
     let result = match cli.command {
         Command::Mount(args) => run_mount(args),
         Command::Journal { command } => run_journal(command),
@@ -371,6 +381,10 @@ fn run_replica(args: ReplicaArgs) -> Result<(), BoxError> {
     let mountpoint = args.mount.clone().or(rc.mount.clone());
     let id = Identity::load(&state_dir)?;
     let replica = Arc::new(Replica::open(&state_dir, &mirror)?);
+    // After the open, which refuses a state dir holding the mirror: the state
+    // of an older version may have loose modes.
+    mount::secure_state_dir(&state_dir)
+        .map_err(|e| format!("cannot make {} private: {e}", state_dir.display()))?;
     let srv = ReplicaServer::new(replica.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -420,7 +434,9 @@ fn run_replica(args: ReplicaArgs) -> Result<(), BoxError> {
     result
 }
 
-fn open_journal(state_dir: &Path) -> Result<Journal, BoxError> {
+/// Opens a state dir's journal for inspection: read-only, so that looking at
+/// a crashed state dir leaves the next mount everything its recovery needs.
+fn inspect_journal(state_dir: &Path) -> Result<Inspection, BoxError> {
     if !state_dir.is_dir() {
         return Err(format!(
             "{} is not a state directory (a mount's --state-dir, or BACKING_DIR/{STATE_DIR_NAME})",
@@ -431,9 +447,7 @@ fn open_journal(state_dir: &Path) -> Result<Journal, BoxError> {
     if !replicafs::journal::journal_dir(state_dir).is_dir() {
         return Err(format!("{} holds no journal", state_dir.display()).into());
     }
-    let (j, _) = Journal::open(state_dir, Default::default())
-        .map_err(|e| format!("{e} (is a mount using this state dir? stop it first)"))?;
-    Ok(j)
+    Inspection::open(state_dir).map_err(|e| format!("cannot read the journal: {e}").into())
 }
 
 fn show_path(p: &[u8]) -> String {
@@ -511,14 +525,20 @@ fn describe(op: &Op) -> String {
 fn run_journal(cmd: JournalCommand) -> Result<(), BoxError> {
     match cmd {
         JournalCommand::Stats { state, json } => {
-            let j = open_journal(&state.state_dir)?;
-            let s = j.stats();
-            let dirty = j.dirty().regions()?;
+            let j = inspect_journal(&state.state_dir)?;
+            let s = &j.stats;
+            let dirty = &j.dirty;
             if json {
-                let mut v = serde_json::to_value(&s)?;
-                v["dirty"] = serde_json::to_value(&dirty)?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&j)?);
             } else {
+                println!(
+                    "stopped cleanly    {}",
+                    if j.clean {
+                        "yes"
+                    } else {
+                        "no (the next mount recovers)"
+                    }
+                );
                 println!("records            {}", s.records);
                 println!(
                     "oldest seq         {}",
@@ -547,6 +567,16 @@ fn run_journal(cmd: JournalCommand) -> Result<(), BoxError> {
                 if dirty.len() > 50 {
                     println!("  … {} more", dirty.len() - 50);
                 }
+                if !j.clean {
+                    println!("torn tail bytes    {}", j.torn_bytes);
+                    println!(
+                        "hot extents        {} (dirty after the next mount)",
+                        j.hot_extents.len()
+                    );
+                    for (path, index) in j.hot_extents.iter().take(50) {
+                        println!("  {path:?} extent {index}");
+                    }
+                }
             }
         }
         JournalCommand::Dump {
@@ -555,7 +585,7 @@ fn run_journal(cmd: JournalCommand) -> Result<(), BoxError> {
             to,
             payload,
         } => {
-            let j = open_journal(&state.state_dir)?;
+            let j = inspect_journal(&state.state_dir)?;
             for r in j.records(from, to.unwrap_or(u64::MAX)) {
                 let r = r?;
                 print!("{:>10} {:<11} {}", r.seq, r.op.name(), describe(&r.op));
@@ -573,7 +603,7 @@ fn run_journal(cmd: JournalCommand) -> Result<(), BoxError> {
             }
         }
         JournalCommand::Replay { state, target, to } => {
-            let j = open_journal(&state.state_dir)?;
+            let j = inspect_journal(&state.state_dir)?;
             let applier = Applier::new(&target)
                 .map_err(|e| format!("cannot open target {}: {e}", target.display()))?;
             let mut n = 0u64;

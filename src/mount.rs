@@ -82,6 +82,10 @@ pub enum MountError {
     BackingInsideMountpoint { mountpoint: String, backing: String },
     #[error("the state dir {0} is inside the mountpoint: put it elsewhere (--state-dir)")]
     StateInsideMountpoint(String),
+    #[error(
+        "the state dir {state_dir} contains {other}: it is made private (0700) recursively, so give it a directory of its own"
+    )]
+    StateContains { state_dir: String, other: String },
     #[error("/dev/fuse is missing: load the module (modprobe fuse) or install fuse3")]
     NoFuseDevice,
     #[error("mounting needs root (replicafs calls mount(2) itself): run it as root or with sudo")]
@@ -157,16 +161,84 @@ pub fn check(opts: &MountOptions) -> Result<Checked, MountError> {
         .state_dir
         .clone()
         .unwrap_or_else(|| backing.join(STATE_DIR_NAME));
-    std::fs::create_dir_all(&state_dir).map_err(|e| MountError::StateDir(show(&state_dir), e))?;
+    create_private_dir(&state_dir).map_err(|e| MountError::StateDir(show(&state_dir), e))?;
     let state_dir = state_dir.canonicalize()?;
     if state_dir.starts_with(&mountpoint) {
         return Err(MountError::StateInsideMountpoint(show(&state_dir)));
     }
+    for other in [&backing, &mountpoint] {
+        if other.starts_with(&state_dir) {
+            return Err(MountError::StateContains {
+                state_dir: show(&state_dir),
+                other: show(other),
+            });
+        }
+    }
+    secure_state_dir(&state_dir).map_err(|e| MountError::StateDir(show(&state_dir), e))?;
     Ok(Checked {
         backing,
         mountpoint,
         state_dir,
     })
+}
+
+/// Creates `dir` (and missing parents, with default modes) with mode 0700.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        r => r,
+    }
+}
+
+/// Makes a state dir private: the dir and every dir in it 0700, every other
+/// file 0600 (journal frames are shipped to replicas, keys are secrets, and the
+/// status socket answers anyone who can reach it). Also repairs the modes an
+/// older version left. Symlinks are neither followed nor changed.
+pub fn secure_state_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a directory",
+        ));
+    }
+    let mut stack = vec![(dir.to_path_buf(), meta)];
+    while let Some((path, meta)) = stack.pop() {
+        let ft = meta.file_type();
+        let want = if ft.is_dir() {
+            0o700
+        } else if ft.is_symlink() {
+            continue;
+        } else {
+            0o600
+        };
+        if meta.permissions().mode() & 0o7777 != want {
+            match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(want)) {
+                // Removed meanwhile (a sled file, a socket): nothing to secure.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                r => r?,
+            }
+        }
+        if ft.is_dir() {
+            for entry in std::fs::read_dir(&path)? {
+                let entry = entry?;
+                match entry.metadata() {
+                    Ok(m) => stack.push((entry.path(), m)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// True if `path` is the root of a mount (its device differs from its parent's,
@@ -327,6 +399,10 @@ impl Mounted {
         {
             warn!(error = %e, "journal did not close cleanly");
         }
+        // Files a library created meanwhile under a loose umask (sled's).
+        if let Err(e) = secure_state_dir(&self.checked.state_dir) {
+            warn!(error = %e, "cannot make the state dir private");
+        }
         result
     }
 }
@@ -342,10 +418,6 @@ impl Drop for Mounted {
 /// Checks the paths, mounts, and serves requests on background threads.
 pub fn mount(opts: &MountOptions) -> Result<Mounted, MountError> {
     let checked = check(opts)?;
-    // The kernel sends modes with the caller's umask already applied; ours must
-    // not mask them a second time.
-    // SAFETY: umask has no preconditions.
-    unsafe { libc::umask(0) };
     let volume = Volume::new(
         &checked.backing,
         VolumeOptions {
@@ -362,6 +434,10 @@ pub fn mount(opts: &MountOptions) -> Result<Mounted, MountError> {
         (Some(jopts), false) => {
             let exclusions = Exclusions::new(&opts.exclude).map_err(MountError::Exclusions)?;
             let (journal, recovery) = Journal::open(&checked.state_dir, jopts.clone())?;
+            journal.set_backing_dir(&checked.backing);
+            // The index and logs it just created, whatever this process's umask.
+            secure_state_dir(&checked.state_dir)
+                .map_err(|e| MountError::StateDir(show(&checked.state_dir), e))?;
             if !recovery.clean {
                 warn!(
                     torn_bytes = recovery.torn_bytes,

@@ -324,3 +324,189 @@ fn kill_9_under_load_loses_nothing_silently() {
         );
     }
 }
+
+/// Every file under `dir` with its bytes.
+fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in std::fs::read_dir(&p).unwrap() {
+            let e = e.unwrap();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                out.push((e.path(), std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn journal_cmd(args: &[&str], state: &Path) -> std::process::Output {
+    let out = Command::new(BIN)
+        .arg("journal")
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .env("REPLICAFS_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "journal {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn inspecting_a_crashed_state_dir_leaves_it_to_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&backing).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let state = backing.join(".replicafs");
+    let clean = state.join("journal/CLEAN");
+    let config = dir.path().join("replicafs.toml");
+    std::fs::write(&config, "").unwrap();
+    {
+        let mut m = MountProc::start(&backing, &mnt, &config);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(mnt.join("disk.img"))
+            .unwrap();
+        f.write_all_at(&[5u8; 65536], 1 << 20).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        m.kill9();
+    }
+    assert!(!clean.exists(), "a killed mount left CLEAN");
+    let before = contents(&state);
+
+    let stats = journal_cmd(&["stats", "--json"], &state);
+    let v: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(v["clean"], false, "{v}");
+    assert!(v["records"].as_u64().unwrap() >= 2, "{v}");
+    let hot = v["hot_extents"].as_array().unwrap();
+    assert!(
+        hot.iter().any(|e| e[0] == "disk.img"),
+        "the written extent is hot: {v}"
+    );
+    let dump = journal_cmd(&["dump", "--payload"], &state);
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains("\"disk.img\" offset=1048576"), "{dump}");
+    let text = journal_cmd(&["stats"], &state);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("stopped cleanly    no"));
+
+    assert!(!clean.exists(), "inspection wrote CLEAN");
+    assert!(
+        before == contents(&state),
+        "inspection changed files in the state dir"
+    );
+
+    // The next mount still sees the crash and puts the hot extent in the dirty list.
+    let mut m = MountProc::start(&backing, &mnt, &config);
+    m.stop();
+    let log = std::fs::read_to_string(&m.log).unwrap();
+    assert!(
+        log.contains("previous run did not stop cleanly"),
+        "no recovery at the next mount; log:\n{log}"
+    );
+    let dirty = dirty_regions(&state);
+    assert!(
+        dirty
+            .iter()
+            .any(|d| d.path == b"disk.img" && d.offset <= 1 << 20 && d.len > 0),
+        "the hot extent is not dirty"
+    );
+}
+
+/// A tmpfs of its own, unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A real I/O failure under the journal (its filesystem full), no failpoint:
+/// the fsync that needed the failed record gets EIO, its region is dirty, the
+/// journal goes on once there is room, and no CLEAN is written at the end.
+#[test]
+fn a_failed_journal_write_fails_the_fsync_and_marks_the_region_dirty() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    let mnt = dir.path().join("mnt");
+    let fs_dir = dir.path().join("statefs");
+    for d in [&backing, &mnt, &fs_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"])
+        .arg(&fs_dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let _fs = SmallFs(fs_dir.clone());
+    let state = fs_dir.join("state");
+    let config = dir.path().join("replicafs.toml");
+    std::fs::write(
+        &config,
+        format!("state_dir = {:?}\n", state.display().to_string()),
+    )
+    .unwrap();
+
+    let mut m = MountProc::start(&backing, &mnt, &config);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(mnt.join("disk.img"))
+        .unwrap();
+    f.write_all_at(&[1u8; 65536], 0).unwrap();
+    f.sync_data().unwrap();
+
+    // Fill the journal's filesystem.
+    let filler_path = fs_dir.join("filler");
+    let mut filler = std::fs::File::create(&filler_path).unwrap();
+    let chunk = vec![0u8; 4096];
+    while filler.write_all(&chunk).is_ok() {}
+    drop(filler);
+
+    f.write_all_at(&[2u8; 65536], 0).unwrap();
+    let err = f
+        .sync_data()
+        .expect_err("fsync acknowledged a record the journal could not write");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Same answer again: the record never becomes durable.
+    assert_eq!(f.sync_data().unwrap_err().raw_os_error(), Some(libc::EIO));
+
+    // Room again: later records are journaled and durable.
+    std::fs::remove_file(&filler_path).unwrap();
+    f.write_all_at(&[3u8; 65536], 1 << 20).unwrap();
+    f.sync_data().unwrap();
+    drop(f);
+
+    // Read-only: the failed write's region is in the dirty list already.
+    let dirty = dirty_regions(&state);
+    assert!(
+        dirty
+            .iter()
+            .any(|d| d.path == b"disk.img" && d.offset == 0 && d.len >= 65536),
+        "the failed record's region is not dirty: {:?}",
+        dirty.iter().map(|d| (d.offset, d.len)).collect::<Vec<_>>()
+    );
+    m.stop();
+    assert!(
+        !state.join("journal/CLEAN").exists(),
+        "CLEAN written over a failed journal write"
+    );
+}

@@ -58,6 +58,10 @@ fn compare_trees_sees_differences() {
         fs::create_dir(root.join("d")).unwrap();
         fs::write(root.join("d/f"), b"same").unwrap();
         fs::write(root.join("g"), b"content").unwrap();
+        // Explicit modes: the trees must not depend on the process umask.
+        for f in ["d/f", "g"] {
+            fs::set_permissions(root.join(f), fs::Permissions::from_mode(0o644)).unwrap();
+        }
         symlink("d/f", root.join("s")).unwrap();
         fs::create_dir(root.join(".replicafs")).unwrap();
     }
@@ -90,4 +94,43 @@ fn compare_trees_sees_differences() {
             .iter()
             .any(|d| d.contains("g: type file vs dir"))
     );
+}
+
+/// The umask of this thread, which must have its own (see below).
+fn thread_umask() -> libc::mode_t {
+    // SAFETY: umask has no preconditions; the old value is put back at once,
+    // and the umask is private to this thread.
+    unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m
+    }
+}
+
+/// The cause of a flaky `compare_trees_sees_differences`: mounting used to set
+/// the umask of the whole process to 0, under the feet of tests creating files.
+#[test]
+fn mounting_leaves_the_process_umask_alone() {
+    // A umask of this thread's own (threads it starts share it), so that
+    // other tests of this binary neither disturb nor see what happens here.
+    // SAFETY: unshare(CLONE_FS) only detaches this thread's fs attributes.
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_FS) }, 0);
+    // SAFETY: as above.
+    unsafe { libc::umask(0o027) };
+    let mut m = TestMount::new();
+    fs::write(m.path("f"), b"x").unwrap();
+    fs::create_dir(m.path("d")).unwrap();
+    assert_eq!(thread_umask(), 0o027, "mounting changed the umask");
+    // The caller's umask applied once, by the kernel.
+    let mode = |p: &str| {
+        fs::metadata(m.backing_path(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("f"), 0o640);
+    assert_eq!(mode("d"), 0o750);
+    m.unmount();
+    assert_eq!(thread_umask(), 0o027, "unmounting changed the umask");
 }

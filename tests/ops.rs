@@ -2321,10 +2321,14 @@ fn custom_state_dir_inside_backing_is_hidden() {
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("visible")]);
     assert!(fs::create_dir(m.path("meta/state")).is_err());
-    // Renaming its parent through the mount keeps it hidden.
-    fs::rename(m.path("meta"), m.path("meta2")).unwrap();
-    assert_eq!(err(fs::metadata(m.path("meta2/state"))), libc::ENOENT);
-    assert!(m.backing_path("meta2/state/journal").exists());
+    // Its parent cannot be renamed away through the mount (the journal and
+    // the keys would move under the daemon); it stays hidden.
+    assert_eq!(
+        err(fs::rename(m.path("meta"), m.path("meta2"))),
+        libc::EBUSY
+    );
+    assert_eq!(err(fs::metadata(m.path("meta/state"))), libc::ENOENT);
+    assert!(m.backing_path("meta/state/journal").exists());
     // At the top, ".replicafs" is then an ordinary name.
     fs::create_dir(m.path(".replicafs")).unwrap();
     assert!(m.backing_path(".replicafs").is_dir());

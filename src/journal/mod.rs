@@ -20,6 +20,7 @@ pub mod segment;
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -168,10 +169,44 @@ enum Msg {
 
 #[derive(Default)]
 struct SyncState {
-    /// Every seq up to this one is in the segment file (not necessarily on disk).
+    /// Every seq up to this one was handled by the writer: appended to a
+    /// segment file (not necessarily on disk), or failed (see `failed`).
     written: u64,
-    /// Every seq up to this one is on disk.
-    durable: u64,
+    /// Every seq up to this one went through a sync: it is on disk unless it
+    /// is in `failed`.
+    settled: u64,
+    /// Seq ranges (inclusive) whose write or sync failed: never durable, and
+    /// their regions are in the dirty list. Adjacent ranges are merged.
+    failed: Vec<(u64, u64)>,
+    /// The writer has stopped: nothing more will be settled.
+    closed: bool,
+}
+
+impl SyncState {
+    fn add_failed(&mut self, from: u64, to: u64) {
+        if from > to {
+            return;
+        }
+        match self.failed.last_mut() {
+            Some(last) if last.1 + 1 >= from => last.1 = last.1.max(to),
+            _ => self.failed.push((from, to)),
+        }
+    }
+
+    fn is_failed(&self, seq: u64) -> bool {
+        self.failed.iter().any(|&(a, b)| a <= seq && seq <= b)
+    }
+}
+
+/// Faults a test can inject into the writer's I/O (the I/O path itself, not a
+/// mock): the next segment writes or syncs fail with EIO while set.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Faults {
+    pub fail_write: std::sync::atomic::AtomicBool,
+    pub fail_sync: std::sync::atomic::AtomicBool,
+    /// Starting a new segment file fails.
+    pub fail_roll: std::sync::atomic::AtomicBool,
 }
 
 struct Shared {
@@ -179,6 +214,32 @@ struct Shared {
     cond: Condvar,
     payload_bytes: AtomicU64,
     frame_bytes: AtomicU64,
+    #[cfg(test)]
+    faults: Faults,
+    /// What close did, in order, for the test that checks the order.
+    #[cfg(test)]
+    trace: Mutex<Vec<&'static str>>,
+}
+
+impl Shared {
+    #[cfg(test)]
+    fn trace(&self, step: &'static str) {
+        self.trace
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(step);
+    }
+
+    #[cfg(not(test))]
+    fn trace(&self, _step: &'static str) {}
+
+    #[cfg(test)]
+    fn fault(&self, flag: &std::sync::atomic::AtomicBool) -> io::Result<()> {
+        if flag.load(Ordering::Acquire) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
 }
 
 pub struct Journal {
@@ -194,6 +255,8 @@ pub struct Journal {
     activity: Mutex<ActivityLog>,
     activity_epoch: Arc<AtomicU64>,
     options: JournalOptions,
+    /// The backing dir, synced (syncfs) before the clean marker is written.
+    backing: Mutex<Option<PathBuf>>,
 }
 
 const CLEAN_MARKER: &str = "CLEAN";
@@ -247,7 +310,8 @@ impl Journal {
     ) -> Result<(Journal, Recovery), JournalError> {
         options.validate().map_err(JournalError::Options)?;
         let dir = journal_dir(state_dir);
-        std::fs::create_dir_all(&dir)?;
+        crate::mount::create_private_dir(state_dir)?;
+        crate::mount::create_private_dir(&dir)?;
         let db = open_index(&dir.join("index.sled"))?;
         let index = db.open_tree("index")?;
         let meta = db.open_tree("meta")?;
@@ -344,11 +408,17 @@ impl Journal {
         let shared = Arc::new(Shared {
             state: Mutex::new(SyncState {
                 written: next_seq - 1,
-                durable: next_seq - 1,
+                settled: next_seq - 1,
+                failed: Vec::new(),
+                closed: false,
             }),
             cond: Condvar::new(),
             payload_bytes: AtomicU64::new(0),
             frame_bytes: AtomicU64::new(0),
+            #[cfg(test)]
+            faults: Faults::default(),
+            #[cfg(test)]
+            trace: Mutex::new(Vec::new()),
         });
         let (tx, rx) = bounded(1024);
         let writer = Writer {
@@ -364,6 +434,7 @@ impl Journal {
             options: options.clone(),
             dir_dirty: false,
             unsynced: Vec::new(),
+            needs_roll: false,
         };
         let handle = std::thread::Builder::new()
             .name("journal-writer".into())
@@ -389,6 +460,7 @@ impl Journal {
                 activity_epoch: activity.epoch_handle(),
                 activity: Mutex::new(activity),
                 options,
+                backing: Mutex::new(None),
             },
             recovery,
         ))
@@ -434,12 +506,14 @@ impl Journal {
         self.next_seq.load(Ordering::Acquire) - 1
     }
 
+    /// Every seq up to this one is on disk (a failed write or sync holds it
+    /// below the failed records for the rest of the run).
     pub fn durable_seq(&self) -> u64 {
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .durable
+        let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        match st.failed.first() {
+            Some(&(first, _)) => st.settled.min(first - 1),
+            None => st.settled,
+        }
     }
 
     /// Asks the writer to make every record up to `seq` durable without
@@ -449,19 +523,29 @@ impl Journal {
         self.durable_seq() >= seq || tx.is_some_and(|tx| tx.try_send(Msg::Sync(seq)).is_ok())
     }
 
-    /// Blocks until every record up to `seq` is on disk.
-    pub fn sync_through(&self, seq: u64) {
+    /// Blocks until the record `seq` (and every one before it) went through a
+    /// sync. Err (EIO) when the record could not be made durable: its write or
+    /// its sync failed (its regions are dirty then), or the writer is gone.
+    pub fn sync_through(&self, seq: u64) -> io::Result<()> {
+        let verdict = |st: &SyncState| {
+            if st.is_failed(seq) {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                Ok(())
+            }
+        };
         {
             let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            if st.durable >= seq {
-                return;
+            if st.settled >= seq {
+                return verdict(&st);
             }
         }
         self.send(Msg::Sync(seq));
         let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        while st.durable < seq {
-            if self.tx.lock().map(|t| t.is_none()).unwrap_or(true) {
-                return;
+        while st.settled < seq {
+            if st.closed {
+                // The writer stopped short of it: not known durable.
+                return Err(io::Error::from_raw_os_error(libc::EIO));
             }
             st = self
                 .shared
@@ -470,6 +554,18 @@ impl Journal {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        verdict(&st)
+    }
+
+    /// The backing dir whose data the journal describes: [`Journal::close`]
+    /// syncs its filesystem before it declares the journal clean.
+    pub fn set_backing_dir(&self, backing: &Path) {
+        *self.backing.lock().unwrap_or_else(|e| e.into_inner()) = Some(backing.to_owned());
+    }
+
+    #[cfg(test)]
+    pub(crate) fn faults(&self) -> &Faults {
+        &self.shared.faults
     }
 
     /// Forgets records up to `seq` (every replica applied them); whole segments
@@ -505,7 +601,7 @@ impl Journal {
     /// its backing write and its append (the volume holds its namespace lock
     /// exclusively); the journal is synced first so every retired write is durable.
     pub fn retire_cold_extents(&self) -> io::Result<usize> {
-        self.sync_through(self.last_seq());
+        self.sync_through(self.last_seq())?;
         let mut al = self.activity.lock().unwrap_or_else(|e| e.into_inner());
         let cold = al.coldest(self.options.activity_slots / 2);
         al.retire(&cold)?;
@@ -607,7 +703,12 @@ impl Journal {
         }
     }
 
-    /// Flushes everything, stops the writer and leaves the clean marker.
+    /// Flushes everything, stops the writer and leaves the clean marker. The
+    /// marker promises that the backing dir, the journal and the activity log
+    /// agree on disk, so the order is: journal synced (by the writer as it
+    /// stops), backing filesystem synced, hot extents retired, index flushed,
+    /// then CLEAN written and its directory synced. If the journal could not
+    /// be made durable, no marker is written and the next open recovers.
     pub fn close(&self) -> Result<(), JournalError> {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(tx) = tx else {
@@ -617,19 +718,65 @@ impl Journal {
         if let Some(h) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = h.join();
         }
+        {
+            let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            if !st.failed.is_empty() || st.settled < st.written {
+                // The dirty marks of the failed records must outlive us.
+                if let Err(e) = self.db.flush() {
+                    error!(error = %e, "cannot flush the dirty list");
+                }
+                return Err(JournalError::Io(io::Error::other(format!(
+                    "records {:?} could not be made durable (their regions are dirty): leaving the journal to recovery",
+                    st.failed
+                ))));
+            }
+        }
+        let backing = self
+            .backing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(backing) = backing {
+            sync_filesystem(&backing)?;
+            self.shared.trace("backing synced");
+        }
         self.activity
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retire_all()?;
+        self.shared.trace("activity retired");
         self.db.flush()?;
         let next = self.next_seq.load(Ordering::Acquire);
         let marker = self.dir.join(CLEAN_MARKER);
-        std::fs::write(&marker, format!("{next}\n"))?;
-        std::fs::File::open(&marker)?.sync_all()?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&marker)?;
+            f.write_all(format!("{next}\n").as_bytes())?;
+            f.sync_all()?;
+        }
         segment::sync_dir(&self.dir)?;
+        self.shared.trace("clean written");
         info!(next_seq = next, "journal closed cleanly");
         Ok(())
     }
+}
+
+/// syncfs(2) of the filesystem holding `dir`: every file written there,
+/// not only the ones we know of, is on disk afterwards.
+fn sync_filesystem(dir: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(dir)?;
+    // SAFETY: syncfs on a valid open fd.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Drop for Journal {
@@ -637,6 +784,205 @@ impl Drop for Journal {
         if let Err(e) = self.close() {
             error!(error = %e, "journal did not close cleanly");
         }
+    }
+}
+
+/// A read-only look at the journal of a state dir, for `replicafs journal
+/// stats/dump/replay`: nothing under the state dir is written, so a crashed
+/// state dir keeps everything the next mount's recovery needs (no CLEAN
+/// change, no torn tail cut, no index or activity log rewritten). The
+/// segments are read directly; the sled index and the activity log, which
+/// cannot be opened without writing, are read from a private temporary copy.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Inspection {
+    /// The clean marker is present: the last run stopped cleanly.
+    pub clean: bool,
+    #[serde(flatten)]
+    pub stats: Stats,
+    pub dirty: Vec<DirtyRegion>,
+    /// Extents hot in the activity log: after an unclean stop the next mount
+    /// adds them to the dirty list.
+    pub hot_extents: Vec<(String, u64)>,
+    /// Bytes after the last whole frame of the newest segment (a torn tail the
+    /// next mount cuts).
+    pub torn_bytes: u64,
+    #[serde(skip)]
+    segments: Vec<PathBuf>,
+    #[serde(skip)]
+    floor: u64,
+}
+
+/// A private temporary directory, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new() -> io::Result<ScratchDir> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        // A fresh name, never one that exists (another user's, in /tmp).
+        loop {
+            let path = std::env::temp_dir().join(format!(
+                "replicafs-inspect-{}-{nanos}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(ScratchDir(path)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Copies the regular files of a directory tree (sled's files).
+fn copy_tree(from: &Path, to: &Path) -> io::Result<u64> {
+    std::fs::DirBuilder::new().mode(0o700).create(to)?;
+    let mut bytes = 0;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            bytes += copy_tree(&e.path(), &to.join(e.file_name()))?;
+        } else if ft.is_file() {
+            bytes += std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(bytes)
+}
+
+impl Inspection {
+    /// Reads the journal under `state_dir` without changing anything there.
+    pub fn open(state_dir: &Path) -> Result<Inspection, JournalError> {
+        let dir = journal_dir(state_dir);
+        if !dir.is_dir() {
+            return Err(JournalError::Io(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} holds no journal", state_dir.display()),
+            )));
+        }
+        let clean_next: Option<u64> = std::fs::read_to_string(dir.join(CLEAN_MARKER))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let mut out = Inspection {
+            clean: clean_next.is_some(),
+            ..Default::default()
+        };
+
+        let scratch = ScratchDir::new()?;
+        let index_copy = scratch.0.join("index.sled");
+        let index_dir = dir.join("index.sled");
+        if index_dir.is_dir() {
+            out.stats.sled_bytes = copy_tree(&index_dir, &index_copy)?;
+            let db = sled::Config::new().path(&index_copy).open()?;
+            let meta = db.open_tree("meta")?;
+            out.stats.trimmed_through = meta_u64(&meta, "trimmed_through");
+            out.stats.dropped_through = meta_u64(&meta, "dropped_through");
+            out.dirty = DirtyList::new(db.open_tree("dirty")?).regions()?;
+        }
+        let activity = dir.join("activity.log");
+        if activity.is_file() && !out.clean {
+            let copy = scratch.0.join("activity.log");
+            std::fs::copy(&activity, &copy)?;
+            let (_, hot) = ActivityLog::open(&copy, false)?;
+            out.hot_extents = hot
+                .into_iter()
+                .map(|(p, i)| (String::from_utf8_lossy(&p).into_owned(), i))
+                .collect();
+        }
+        drop(scratch);
+
+        out.floor = out.stats.trimmed_through.max(out.stats.dropped_through) + 1;
+        let segs = segment::list_segments(&dir)?;
+        let mut next_seq = out.floor.max(clean_next.unwrap_or(0)).max(1);
+        for (i, (first, path)) in segs.iter().enumerate() {
+            let is_last = i + 1 == segs.len();
+            let scan = segment::scan(path, is_last)?;
+            let file_len = std::fs::metadata(path)?.len();
+            out.stats.segment_bytes += file_len;
+            if is_last {
+                out.torn_bytes = file_len - scan.valid_len;
+            }
+            for f in scan.frames.iter().filter(|f| f.seq >= out.floor) {
+                out.stats.records += 1;
+                out.stats.oldest_seq.get_or_insert(f.seq);
+                out.stats.newest_seq = Some(f.seq);
+                next_seq = next_seq.max(f.seq + 1);
+            }
+            next_seq = next_seq.max(*first);
+        }
+        out.stats.segments = segs.len();
+        out.stats.next_seq = next_seq;
+        out.stats.dirty_regions = out.dirty.len();
+        out.segments = segs.into_iter().map(|(_, p)| p).collect();
+        Ok(out)
+    }
+
+    /// The records with seq in `from..=to`, read from the segments in order;
+    /// each segment is read up to its last whole frame.
+    pub fn records(&self, from: u64, to: u64) -> impl Iterator<Item = io::Result<Record>> + '_ {
+        let from = from.max(self.floor);
+        let mut segs = self.segments.iter();
+        let mut reader: Option<std::io::BufReader<std::fs::File>> = None;
+        let mut done = from > to;
+        std::iter::from_fn(move || {
+            use std::io::Read;
+            while !done {
+                let r = match reader.as_mut() {
+                    Some(r) => r,
+                    None => {
+                        let Some(path) = segs.next() else {
+                            done = true;
+                            return None;
+                        };
+                        match std::fs::File::open(path) {
+                            Ok(f) => reader.insert(std::io::BufReader::with_capacity(1 << 20, f)),
+                            Err(e) => {
+                                done = true;
+                                return Some(Err(e));
+                            }
+                        }
+                    }
+                };
+                let mut header = [0u8; record::HEADER_LEN];
+                let h = match r.read_exact(&mut header) {
+                    Ok(()) => record::FrameHeader::parse(&header).ok(),
+                    Err(_) => None,
+                };
+                let Some(h) = h else {
+                    // End of the segment, or its torn tail.
+                    reader = None;
+                    continue;
+                };
+                let mut frame = vec![0u8; h.frame_len()];
+                frame[..record::HEADER_LEN].copy_from_slice(&header);
+                if r.read_exact(&mut frame[record::HEADER_LEN..]).is_err() {
+                    reader = None;
+                    continue;
+                }
+                if h.seq > to {
+                    done = true;
+                    return None;
+                }
+                if h.seq < from {
+                    continue;
+                }
+                match record::decode_frame(&frame) {
+                    Ok(rec) => return Some(Ok(rec)),
+                    Err(_) => reader = None,
+                }
+            }
+            None
+        })
     }
 }
 
@@ -762,10 +1108,26 @@ struct Writer {
     dir_dirty: bool,
     /// Sealed segments written since the last sync.
     unsynced: Vec<std::fs::File>,
+    /// A failed write could not be followed by a new segment: nothing may be
+    /// appended to the current one (its seqs would not be consecutive).
+    needs_roll: bool,
+}
+
+/// Marks the writer stopped when its thread ends, even by a panic, so that no
+/// sync waiter waits for it forever.
+struct StopGuard(Arc<Shared>);
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.closed = true;
+        self.0.cond.notify_all();
+    }
 }
 
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>) {
+        let _stop = StopGuard(self.shared.clone());
         let mut buf: Vec<Vec<u8>> = Vec::with_capacity(1024);
         while let Ok(first) = rx.recv() {
             let mut trim = None;
@@ -807,30 +1169,60 @@ impl Writer {
         }
         self.sync_target = u64::MAX;
         if let Err(e) = self.sync() {
-            self.fail(e);
+            error!(error = %e, "final journal sync failed");
         }
     }
 
-    /// A segment write failed: the records cannot be journaled, so their regions
-    /// become dirty and waiters are released (the VM must not block).
+    /// A segment write failed: the frames that were not written are already
+    /// dirty (see [`Writer::append_frames`]). Every record of the batch counts
+    /// as failed (a sync waiter gets EIO), the segment is cut back to its last
+    /// whole frame and a new one started (frames in a segment are consecutive),
+    /// and the rest is synced. The VM never blocks on it.
     fn fail(&mut self, e: io::Error) {
         error!(error = %e, "journal write failed; affected regions are marked dirty");
-        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.written = st.written.max(self.next_write - 1);
-        st.durable = st.written;
-        self.shared.cond.notify_all();
+        let from = {
+            let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            let from = st.written + 1;
+            st.add_failed(from, self.next_write - 1);
+            st.written = st.written.max(self.next_write - 1);
+            from
+        };
+        // Frames of the batch that did reach a segment: dirty too, as every
+        // failed record is (the others were marked when their write failed).
+        self.mark_seqs_dirty(from, self.next_write - 1);
+        if let Err(e) = self.segment.cut_to_len() {
+            error!(error = %e, "cannot cut a failed journal segment write");
+        }
+        if let Err(e) = self.roll() {
+            error!(error = %e, "cannot start a new journal segment");
+            self.needs_roll = true;
+        }
+        self.sync_target = self.sync_target.max(self.next_write - 1);
+        if let Err(e) = self.sync() {
+            error!(error = %e, "journal sync failed");
+        }
     }
 
     fn write_pending(&mut self, frames: &mut Vec<Vec<u8>>) -> io::Result<()> {
         let mut batch = sled::Batch::default();
         frames.clear();
         let mut part_bytes = 0u64;
+        if self.needs_roll
+            && self.pending.contains_key(&self.next_write)
+            && let Err(e) = self.roll()
+        {
+            self.skip_pending(None);
+            return Err(e);
+        }
         while let Some((bytes, _)) = self.pending.remove(&self.next_write) {
             if self.segment.len + part_bytes + bytes.len() as u64 > self.options.segment_bytes
                 && self.segment.len + part_bytes > 0
             {
-                self.append_frames(frames)?;
-                self.roll()?;
+                let rolled = self.append_frames(frames).and_then(|()| self.roll());
+                if let Err(e) = rolled {
+                    self.skip_pending(Some(bytes));
+                    return Err(e);
+                }
                 part_bytes = 0;
             }
             if frames.is_empty() {
@@ -852,10 +1244,24 @@ impl Writer {
             st.written = self.next_write - 1;
             self.shared.cond.notify_all();
         }
-        if self.sync_target > self.shared.state.lock().map(|s| s.durable).unwrap_or(0) {
+        if self.sync_target > self.shared.state.lock().map(|s| s.settled).unwrap_or(0) {
             self.sync()?;
         }
         Ok(())
+    }
+
+    /// The frames queued from `next_write` on (`first` is the one taken
+    /// already) cannot be journaled now: mark them dirty and move past them,
+    /// so that nothing waits for them.
+    fn skip_pending(&mut self, first: Option<Vec<u8>>) {
+        if let Some(b) = first {
+            self.mark_frames_dirty(&b);
+            self.next_write += 1;
+        }
+        while let Some((b, _)) = self.pending.remove(&self.next_write) {
+            self.mark_frames_dirty(&b);
+            self.next_write += 1;
+        }
     }
 
     /// Appends frames with one writev per up to 1024 of them (no extra copy).
@@ -863,7 +1269,11 @@ impl Writer {
         if frames.is_empty() {
             return Ok(());
         }
-        if let Err(e) = self.segment.append_vectored(frames) {
+        #[cfg(test)]
+        let injected = self.shared.fault(&self.shared.faults.fail_write);
+        #[cfg(not(test))]
+        let injected = Ok(());
+        if let Err(e) = injected.and_then(|()| self.segment.append_vectored(frames)) {
             for f in frames.iter() {
                 self.mark_frames_dirty(f);
             }
@@ -885,30 +1295,108 @@ impl Writer {
         }
     }
 
+    /// fdatasync of one segment file (a test may inject a failure here).
+    fn sync_file(&self, f: &std::fs::File) -> io::Result<()> {
+        #[cfg(test)]
+        self.shared.fault(&self.shared.faults.fail_sync)?;
+        f.sync_data()
+    }
+
+    /// Makes every written record durable. Each file is synced even when an
+    /// earlier one failed. On failure the records since the last good sync
+    /// are never reported durable: they are recorded as failed (a waiter gets
+    /// EIO) and their regions marked dirty. A failed fsync may have dropped
+    /// the dirty pages, so a later successful one proves nothing about them.
     fn sync(&mut self) -> io::Result<()> {
+        let mut result = Ok(());
         // Sealed segments first: durability covers every seq up to `written`.
-        for f in self.unsynced.drain(..) {
-            f.sync_data()?;
+        for f in std::mem::take(&mut self.unsynced) {
+            if let Err(e) = self.sync_file(&f) {
+                result = result.and(Err(e));
+            }
         }
-        self.segment.sync()?;
+        if let Err(e) = self.sync_file(self.segment.file()) {
+            result = result.and(Err(e));
+        }
         if self.dir_dirty {
-            segment::sync_dir(&self.dir)?;
-            self.dir_dirty = false;
+            match segment::sync_dir(&self.dir) {
+                Ok(()) => self.dir_dirty = false,
+                Err(e) => result = result.and(Err(e)),
+            }
+        }
+        // Only this thread moves `settled` and `written`.
+        let (from, through) = {
+            let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            (st.settled + 1, st.written)
+        };
+        match &result {
+            Ok(()) => self.shared.trace("journal synced"),
+            Err(e) => {
+                // Dirty before any waiter learns of the failure.
+                error!(error = %e, from, through, "journal sync failed; these records are not durable and their regions are marked dirty");
+                self.mark_seqs_dirty(from, through);
+            }
         }
         let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.durable = st.written;
+        if result.is_err() {
+            st.add_failed(from, through);
+        }
+        st.settled = through;
         self.shared.cond.notify_all();
-        Ok(())
+        result
+    }
+
+    /// Marks dirty the regions of the records `from..=to` still in the segments.
+    fn mark_seqs_dirty(&self, from: u64, to: u64) {
+        if from > to {
+            return;
+        }
+        let segs = match segment::list_segments(&self.dir) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "cannot list journal segments; marking the whole tree dirty");
+                let _ = self.dirty.add_whole(b"");
+                return;
+            }
+        };
+        let mut ops = Vec::new();
+        for (i, (first, path)) in segs.iter().enumerate() {
+            let last = segs.get(i + 1).map(|(n, _)| n - 1).unwrap_or(u64::MAX);
+            if *first > to || last < from {
+                continue;
+            }
+            match segment::read_ops(path) {
+                Ok(found) => ops.extend(
+                    found
+                        .into_iter()
+                        .filter(|(seq, _, _)| (from..=to).contains(seq))
+                        .map(|(_, op, len)| (op, len)),
+                ),
+                Err(e) => {
+                    error!(error = %e, segment = %path.display(), "cannot read journal segment; marking the whole tree dirty");
+                    let _ = self.dirty.add_whole(b"");
+                    return;
+                }
+            }
+        }
+        mark_ops_dirty(&self.dirty, ops);
+        // Persistently: a restart must still resync these regions.
+        if let Err(e) = self.index.flush() {
+            error!(error = %e, "cannot flush the dirty list");
+        }
     }
 
     /// Seals the active segment and starts the next one. The sealed one is
     /// synced with the next sync, not now: a guest flush pays for durability,
     /// a stream of writes does not.
     fn roll(&mut self) -> io::Result<()> {
+        #[cfg(test)]
+        self.shared.fault(&self.shared.faults.fail_roll)?;
         let next = ActiveSegment::create(&self.dir, self.next_write)?;
         let sealed = std::mem::replace(&mut self.segment, next);
         self.unsynced.push(sealed.into_file());
         self.dir_dirty = true;
+        self.needs_roll = false;
         Ok(())
     }
 
@@ -969,25 +1457,9 @@ impl Writer {
             if total <= self.options.cap_bytes {
                 break;
             }
-            // Ops only (payloads skipped); write ranges merged per file first.
-            let mut ranges: BTreeMap<Vec<u8>, Vec<(u64, u64)>> = BTreeMap::new();
-            for (_, op, data_len) in segment::read_ops(&path)? {
-                match op {
-                    Op::Write { path, offset } => {
-                        ranges.entry(path).or_default().push((offset, data_len))
-                    }
-                    other => mark_op_dirty(&self.dirty, &other, data_len),
-                }
-            }
-            for (path, rs) in ranges {
-                for (offset, len) in dirty::merge_ranges(rs) {
-                    let op = Op::Write {
-                        path: path.clone(),
-                        offset,
-                    };
-                    mark_op_dirty(&self.dirty, &op, len);
-                }
-            }
+            // Ops only (payloads skipped).
+            let ops = segment::read_ops(&path)?;
+            mark_ops_dirty(&self.dirty, ops.into_iter().map(|(_, op, len)| (op, len)));
             let mut batch = sled::Batch::default();
             for kv in self.index.range(..=seq_key(last)) {
                 let (k, _) = kv.map_err(io::Error::other)?;
@@ -1007,6 +1479,26 @@ impl Writer {
             );
         }
         Ok(())
+    }
+}
+
+/// Marks the regions of many ops dirty, write ranges merged per file first.
+fn mark_ops_dirty(dirty: &DirtyList, ops: impl IntoIterator<Item = (Op, u64)>) {
+    let mut ranges: BTreeMap<Vec<u8>, Vec<(u64, u64)>> = BTreeMap::new();
+    for (op, data_len) in ops {
+        match op {
+            Op::Write { path, offset } => ranges.entry(path).or_default().push((offset, data_len)),
+            other => mark_op_dirty(dirty, &other, data_len),
+        }
+    }
+    for (path, rs) in ranges {
+        for (offset, len) in dirty::merge_ranges(rs) {
+            let op = Op::Write {
+                path: path.clone(),
+                offset,
+            };
+            mark_op_dirty(dirty, &op, len);
+        }
     }
 }
 
@@ -1062,7 +1554,7 @@ mod tests {
         for i in 0..100u64 {
             j.append(&write_op("f", i * 10), &[i as u8; 10]);
         }
-        j.sync_through(j.last_seq());
+        j.sync_through(j.last_seq()).unwrap();
         j.close().unwrap();
         drop(j);
         let (j, rec) = Journal::open(dir.path(), opts()).unwrap();
@@ -1097,7 +1589,7 @@ mod tests {
         assert!(rec.torn_bytes > 0);
         assert_eq!(all(&j).len(), 9);
         assert_eq!(j.append(&write_op("g", 0), b"x"), 10);
-        j.sync_through(10);
+        j.sync_through(10).unwrap();
         assert_eq!(all(&j).last().unwrap().op, write_op("g", 0));
     }
 
@@ -1125,14 +1617,14 @@ mod tests {
         for i in 0..40u64 {
             j.append(&write_op("f", i << 16), &vec![i as u8; 64 << 10]);
         }
-        j.sync_through(40);
+        j.sync_through(40).unwrap();
         let before = j.stats();
         assert!(before.segments > 1);
         j.trim_through(30);
-        j.sync_through(40);
+        j.sync_through(40).unwrap();
         // The trim runs on the writer thread; a later message orders after it.
         j.append(&write_op("f", 0), b"x");
-        j.sync_through(41);
+        j.sync_through(41).unwrap();
         let after = j.stats();
         assert!(after.segments < before.segments, "{before:?} {after:?}");
         let rs = all(&j);
@@ -1148,9 +1640,9 @@ mod tests {
         for i in 0..400u64 {
             j.append(&write_op("disk", i << 16), &vec![7u8; 64 << 10]);
         }
-        j.sync_through(400);
+        j.sync_through(400).unwrap();
         j.append(&write_op("disk", 0), b"x");
-        j.sync_through(401);
+        j.sync_through(401).unwrap();
         let s = j.stats();
         assert!(
             s.segment_bytes <= opts().cap_bytes + opts().segment_bytes,
@@ -1184,7 +1676,7 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        j.sync_through(2000);
+        j.sync_through(2000).unwrap();
         let rs = all(&j);
         assert_eq!(rs.len(), 2000);
         assert!(rs.windows(2).all(|w| w[1].seq == w[0].seq + 1));
@@ -1209,7 +1701,7 @@ mod tests {
         let (a, b) = j.extent_range(20 << 20, 1);
         j.activate(b"disk", a, b).unwrap();
         j.append(&write_op("disk", 20 << 20), b"z");
-        j.sync_through(1);
+        j.sync_through(1).unwrap();
         // A crash leaves the files as they are now: copy them while the journal runs.
         let crashed = tempfile::tempdir().unwrap();
         let status = std::process::Command::new("cp")
@@ -1226,5 +1718,217 @@ mod tests {
         let d = j2.dirty().regions().unwrap();
         assert_eq!(d[0].path, b"disk");
         assert!(d[0].offset <= 20 << 20 && d[0].end() > 20 << 20);
+    }
+
+    fn dirty_covers(j: &Journal, path: &[u8], offset: u64, len: u64) -> bool {
+        j.dirty()
+            .regions()
+            .unwrap()
+            .iter()
+            .any(|d| d.path == path && d.offset <= offset && offset + len <= d.end())
+    }
+
+    fn is_eio(r: io::Result<()>) -> bool {
+        matches!(r, Err(e) if e.raw_os_error() == Some(libc::EIO))
+    }
+
+    #[test]
+    fn a_failed_sync_is_not_reported_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), opts()).unwrap();
+        let a = j.append(&write_op("disk", 0), &[1; 4096]);
+        j.sync_through(a).unwrap();
+        j.faults().fail_sync.store(true, Ordering::Release);
+        let b = j.append(&write_op("disk", 1 << 20), &[2; 4096]);
+        assert!(
+            is_eio(j.sync_through(b)),
+            "a failed fdatasync was acknowledged"
+        );
+        assert!(
+            j.durable_seq() < b,
+            "durable_seq {} >= {b}",
+            j.durable_seq()
+        );
+        assert!(
+            dirty_covers(&j, b"disk", 1 << 20, 4096),
+            "{:?}",
+            j.dirty().regions()
+        );
+        // The disk recovers: later records are durable again, the failed one
+        // never becomes so (the failed fsync may have dropped its pages).
+        j.faults().fail_sync.store(false, Ordering::Release);
+        let c = j.append(&write_op("disk", 2 << 20), &[3; 4096]);
+        j.sync_through(c).unwrap();
+        assert!(is_eio(j.sync_through(b)));
+        assert!(j.durable_seq() < b);
+        assert!(j.sync_through(a).is_ok());
+        // No clean marker over records that may not be on disk.
+        assert!(j.close().is_err());
+        assert!(!journal_dir(dir.path()).join(CLEAN_MARKER).exists());
+    }
+
+    #[test]
+    fn a_failed_sync_of_a_sealed_segment_fails_the_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), opts()).unwrap();
+        j.faults().fail_sync.store(true, Ordering::Release);
+        // Enough to roll into new segments: the sealed ones are synced later.
+        let mut last = 0;
+        for i in 0..40u64 {
+            last = j.append(&write_op("disk", i << 16), &vec![5u8; 64 << 10]);
+        }
+        assert!(is_eio(j.sync_through(last)));
+        for i in 0..40u64 {
+            assert!(
+                dirty_covers(&j, b"disk", i << 16, 64 << 10),
+                "offset {i}: {:?}",
+                j.dirty().regions()
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_write_fails_its_sync_and_the_journal_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), opts()).unwrap();
+        let a = j.append(&write_op("disk", 0), b"first");
+        j.sync_through(a).unwrap();
+        j.faults().fail_write.store(true, Ordering::Release);
+        let b = j.append(&write_op("disk", 4096), b"lost");
+        assert!(is_eio(j.sync_through(b)));
+        assert!(dirty_covers(&j, b"disk", 4096, 4));
+        j.faults().fail_write.store(false, Ordering::Release);
+        let c = j.append(&write_op("disk", 8192), b"third");
+        j.sync_through(c).unwrap();
+        let seqs: Vec<u64> = all(&j).iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![a, c]);
+        assert!(j.close().is_err());
+        drop(j);
+        // A restart reads every record that was written, and goes on after them.
+        let (j, rec) = Journal::open(dir.path(), opts()).unwrap();
+        assert!(!rec.clean);
+        let seqs: Vec<u64> = all(&j).iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![a, c]);
+        assert_eq!(j.append(&write_op("disk", 0), b"x"), c + 1);
+        assert!(dirty_covers(&j, b"disk", 4096, 4));
+    }
+
+    #[test]
+    fn close_syncs_the_journal_and_the_backing_dir_before_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), opts()).unwrap();
+        j.set_backing_dir(backing.path());
+        let (a, b) = j.extent_range(0, 4096);
+        j.activate(b"disk", a, b).unwrap();
+        j.append(&write_op("disk", 0), &[9; 4096]);
+        j.close().unwrap();
+        assert!(journal_dir(dir.path()).join(CLEAN_MARKER).exists());
+        let trace = j.shared.trace.lock().unwrap().clone();
+        let at = |step: &str| {
+            trace
+                .iter()
+                .rposition(|s| *s == step)
+                .unwrap_or_else(|| panic!("{step:?} missing from {trace:?}"))
+        };
+        // Hot extents may retire and CLEAN may promise a clean state only once
+        // the journal and the backing data are on disk.
+        assert!(at("journal synced") < at("backing synced"), "{trace:?}");
+        assert!(at("backing synced") < at("activity retired"), "{trace:?}");
+        assert!(at("activity retired") < at("clean written"), "{trace:?}");
+        assert_eq!(trace.last(), Some(&"clean written"));
+    }
+
+    #[test]
+    fn inspection_changes_nothing_in_a_crashed_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), opts()).unwrap();
+        let (a, b) = j.extent_range(0, 10);
+        j.activate(b"disk", a, b).unwrap();
+        for i in 0..10u64 {
+            j.append(&write_op("disk", i), &[1; 100]);
+        }
+        j.sync_through(10).unwrap();
+        // The state as a crash leaves it, plus a torn frame at the end.
+        let crashed = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(journal_dir(dir.path()))
+            .arg(crashed.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        drop(j);
+        let jd = journal_dir(crashed.path());
+        let (_, seg) = segment::list_segments(&jd).unwrap().pop().unwrap();
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+            f.write_all(&[0xAB; 30]).unwrap();
+        }
+        let snapshot = |d: &Path| {
+            let mut v = Vec::new();
+            let mut stack = vec![d.to_path_buf()];
+            while let Some(p) = stack.pop() {
+                for e in std::fs::read_dir(&p).unwrap() {
+                    let e = e.unwrap();
+                    if e.file_type().unwrap().is_dir() {
+                        stack.push(e.path());
+                    } else {
+                        v.push((e.path(), std::fs::read(e.path()).unwrap()));
+                    }
+                }
+            }
+            v.sort();
+            v
+        };
+        let before = snapshot(&jd);
+        let ins = Inspection::open(crashed.path()).unwrap();
+        assert!(!ins.clean);
+        assert_eq!(ins.stats.records, 10);
+        assert_eq!(ins.stats.newest_seq, Some(10));
+        assert_eq!(ins.torn_bytes, 30);
+        assert_eq!(ins.hot_extents, vec![("disk".to_string(), 0)]);
+        let recs: Vec<Record> = ins.records(3, 5).map(|r| r.unwrap()).collect();
+        assert_eq!(
+            recs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        assert_eq!(ins.records(0, u64::MAX).count(), 10);
+        assert!(before == snapshot(&jd), "inspection changed the state dir");
+        // The next open still sees the crash and recovers.
+        let (j, rec) = Journal::open(crashed.path(), opts()).unwrap();
+        assert!(!rec.clean);
+        assert_eq!(rec.torn_bytes, 30);
+        assert_eq!(rec.hot_extents, 1);
+        assert!(dirty_covers(&j, b"disk", 0, 100));
+    }
+
+    #[test]
+    fn after_a_failed_write_nothing_is_appended_until_a_new_segment_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), opts()).unwrap();
+        let a = j.append(&write_op("disk", 0), b"first");
+        j.sync_through(a).unwrap();
+        // The write fails, and so does starting a new segment (a full disk).
+        j.faults().fail_write.store(true, Ordering::Release);
+        j.faults().fail_roll.store(true, Ordering::Release);
+        let b = j.append(&write_op("disk", 4096), b"lost");
+        assert!(is_eio(j.sync_through(b)));
+        j.faults().fail_write.store(false, Ordering::Release);
+        // Writes could go on, but not into the old segment after a gap.
+        let c = j.append(&write_op("disk", 8192), b"also lost");
+        assert!(is_eio(j.sync_through(c)));
+        assert!(dirty_covers(&j, b"disk", 8192, 9));
+        j.faults().fail_roll.store(false, Ordering::Release);
+        let d = j.append(&write_op("disk", 12288), b"kept");
+        j.sync_through(d).unwrap();
+        assert!(j.close().is_err());
+        drop(j);
+        let (j, _) = Journal::open(dir.path(), opts()).unwrap();
+        let seqs: Vec<u64> = all(&j).iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![a, d], "a record after the failures was lost");
+        assert!(dirty_covers(&j, b"disk", 4096, 4));
+        assert!(dirty_covers(&j, b"disk", 8192, 9));
     }
 }

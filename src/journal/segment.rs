@@ -48,12 +48,15 @@ pub struct ActiveSegment {
 
 impl ActiveSegment {
     pub fn create(dir: &Path, first_seq: u64) -> io::Result<ActiveSegment> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = segment_path(dir, first_seq);
+        // Private: frames are shipped to replicas as they are.
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .read(true)
             .write(true)
+            .mode(0o600)
             .open(&path)?;
         Ok(ActiveSegment {
             first_seq,
@@ -119,8 +122,16 @@ impl ActiveSegment {
         self.file
     }
 
-    pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// After a failed append: drops whatever part of it reached the file, so
+    /// the segment ends with its last whole frame again.
+    pub fn cut_to_len(&mut self) -> io::Result<()> {
+        self.file.set_len(self.len)?;
+        self.file.seek(SeekFrom::Start(self.len))?;
+        Ok(())
     }
 }
 

@@ -867,6 +867,7 @@ fn snapshot_entries(
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let rec = cu.volume.recorder();
+    let state_key = cu.volume.state_dir_key();
     let _ns = rec.map(|r| r.namespace_lock());
     let at = rec.map(|r| r.journal().last_seq()).unwrap_or(0);
     let mut links: std::collections::HashMap<(u64, u64), Vec<u8>> = Default::default();
@@ -892,6 +893,10 @@ fn snapshot_entries(
                 continue;
             };
             let ft = m.file_type();
+            // The state dir (keys, journal) by identity, wherever it is now.
+            if ft.is_dir() && Some((m.dev(), m.ino())) == state_key {
+                continue;
+            }
             if ft.is_dir() {
                 subdirs.push(rel.clone());
                 out.push((rel, EntryKind::Dir, m, Vec::new(), None));

@@ -53,7 +53,12 @@ pub struct Status {
 /// Serves `status()` on `state_dir/status.sock` until dropped.
 pub struct StatusServer {
     path: PathBuf,
+    /// (dev, ino) of the socket file we bound, so that drop removes only ours.
+    socket_id: Option<(u64, u64)>,
     stop: Arc<AtomicBool>,
+    /// Dropping it wakes the server thread; no path involved, so a state dir
+    /// renamed or removed meanwhile cannot make shutdown hang.
+    wake: Option<UnixStream>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -62,6 +67,8 @@ impl StatusServer {
         state_dir: &Path,
         status: impl Fn() -> Status + Send + 'static,
     ) -> std::io::Result<StatusServer> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let path = state_dir.join(SOCKET_NAME);
         if UnixStream::connect(&path).is_ok() {
             return Err(std::io::Error::new(
@@ -74,21 +81,52 @@ impl StatusServer {
         }
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
+        // Owner only: status names peers and their fingerprints.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        let socket_id = std::fs::symlink_metadata(&path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        let (wake, woken) = UnixStream::pair()?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
             .name("status".into())
             .spawn(move || {
+                let mut fds = [
+                    libc::pollfd {
+                        fd: listener.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: woken.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
                 while !stop2.load(Ordering::Acquire) {
+                    // SAFETY: two valid pollfds that outlive the call.
+                    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                    if n < 0 {
+                        let e = std::io::Error::last_os_error();
+                        if e.kind() != std::io::ErrorKind::Interrupted {
+                            warn!(error = %e, "status socket poll failed");
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                        continue;
+                    }
+                    if fds[1].revents != 0 || stop2.load(Ordering::Acquire) {
+                        break;
+                    }
                     match listener.accept() {
                         Ok((mut s, _)) => {
-                            if stop2.load(Ordering::Acquire) {
-                                break;
-                            }
+                            let _ = s.set_nonblocking(false);
                             let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
                             let body = serde_json::to_vec(&status()).unwrap_or_default();
                             let _ = s.write_all(&body);
                         }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(e) => {
                             warn!(error = %e, "status socket accept failed");
                             std::thread::sleep(Duration::from_millis(200));
@@ -98,7 +136,9 @@ impl StatusServer {
             })?;
         Ok(StatusServer {
             path,
+            socket_id,
             stop,
+            wake: Some(wake),
             thread: Some(thread),
         })
     }
@@ -106,13 +146,19 @@ impl StatusServer {
 
 impl Drop for StatusServer {
     fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
         self.stop.store(true, Ordering::Release);
-        // Wake the blocking accept.
-        let _ = UnixStream::connect(&self.path);
+        // Closing our end makes the thread's end readable: poll returns.
+        drop(self.wake.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        let ours = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if ours.is_some() && ours == self.socket_id {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -179,4 +225,52 @@ pub fn render(s: &Status) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_dropped(server: StatusServer) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(server);
+            let _ = tx.send(());
+        });
+        // A deadline against a hang, not a timing assertion.
+        rx.recv_timeout(Duration::from_secs(60)).is_ok()
+    }
+
+    #[test]
+    fn serves_status_and_the_socket_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let server = StatusServer::start(dir.path(), || Status {
+            role: "primary".into(),
+            last_seq: 7,
+            peers: vec![],
+        })
+        .unwrap();
+        let mode = std::fs::metadata(dir.path().join(SOCKET_NAME))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "status.sock mode {mode:o}");
+        assert_eq!(query(dir.path()).unwrap().last_seq, 7);
+        assert!(wait_dropped(server), "drop hung");
+        assert!(!dir.path().join(SOCKET_NAME).exists());
+    }
+
+    #[test]
+    fn drop_returns_after_the_state_dir_was_renamed() {
+        let base = tempfile::tempdir().unwrap();
+        let old = base.path().join("state");
+        std::fs::create_dir(&old).unwrap();
+        let server = StatusServer::start(&old, Status::default).unwrap();
+        std::fs::rename(&old, base.path().join("moved")).unwrap();
+        assert!(wait_dropped(server), "drop hung after the state dir moved");
+        // The moved socket is not ours to find by path any more; nothing else
+        // was created at the old path.
+        assert!(!old.exists());
+    }
 }

@@ -109,12 +109,12 @@ impl Identity {
         })
     }
 
-    /// Writes the identity into `state_dir` (key mode 0600), refusing to
+    /// Writes the identity into `state_dir` (mode 0600, the dir 0700), refusing to
     /// overwrite an existing one unless `force`.
     pub fn save(&self, state_dir: &Path, force: bool) -> Result<(), String> {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::create_dir_all(state_dir)
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        crate::mount::create_private_dir(state_dir)
             .map_err(|e| format!("cannot create {}: {e}", state_dir.display()))?;
         let (c, k) = Identity::paths(state_dir);
         if !force && (c.exists() || k.exists()) {
@@ -135,13 +135,18 @@ impl Identity {
                 .mode(mode)
                 .open(&tmp)
                 .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+            // A leftover temp file keeps its old mode through open: set it.
+            f.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
             f.write_all(bytes)
                 .and_then(|_| f.sync_all())
                 .and_then(|_| std::fs::rename(&tmp, path))
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))
         };
         write(&k, &self.key, 0o600)?;
-        write(&c, &self.cert, 0o644)?;
+        // The state dir is private, the certificate too (its fingerprint is
+        // what peers are given).
+        write(&c, &self.cert, 0o600)?;
         std::fs::File::open(state_dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| format!("cannot sync {}: {e}", state_dir.display()))

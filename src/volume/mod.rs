@@ -116,6 +116,9 @@ pub struct Volume {
     handles: HandleTable,
     options: VolumeOptions,
     hidden: Option<Hidden>,
+    /// (dev, ino) of the hidden state dir and of every dir between it and the
+    /// root: moving or removing one of them through the mount is refused.
+    state_keys: Vec<BackingKey>,
     /// Journaling; None for a volume that records nothing (read-only, replica).
     recorder: Option<Recorder>,
 }
@@ -139,12 +142,21 @@ impl Volume {
             }
             None => None,
         };
+        let mut state_keys = Vec::new();
+        if let Some(dir) = &options.hidden_dir {
+            for a in dir.ancestors().take_while(|a| *a != backing) {
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::symlink_metadata(a)?;
+                state_keys.push((m.dev(), m.ino()));
+            }
+        }
         Ok(Volume {
             backing: backing.to_owned(),
             inodes: InodeTable::new(root_fd, &root_st),
             handles: HandleTable::default(),
             options,
             hidden,
+            state_keys,
             recorder: None,
         })
     }
@@ -174,6 +186,25 @@ impl Volume {
 
     pub fn handle_count(&self) -> usize {
         self.handles.len()
+    }
+
+    /// (dev, ino) of the hidden state dir, if it is inside the backing dir.
+    pub fn state_dir_key(&self) -> Option<BackingKey> {
+        self.state_keys.first().copied()
+    }
+
+    /// EBUSY if `name` in `parent` is the state dir or holds it: renaming it
+    /// away would cut the journal off and let a snapshot copy the keys.
+    fn guard_state_dir(&self, parent: &Inode, name: &CString) -> Result<()> {
+        if self.state_keys.is_empty() {
+            return Ok(());
+        }
+        match sys::fstatat(parent.fd(), name) {
+            Ok(st) if self.state_keys.contains(&inode::key_of(&st)) => {
+                Err(Error::from_errno(libc::EBUSY))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn is_hidden(&self, parent: &Inode, name: &OsStr) -> bool {
@@ -400,7 +431,7 @@ impl Volume {
         let parent = self.inodes.get(parent)?;
         let cname = self.child_name(&parent, name)?;
         let _ns = self.recorder.as_ref().map(|r| r.namespace_lock());
-        sys::mknodat(parent.fd(), &cname, mode, rdev)?;
+        unmasked(|| sys::mknodat(parent.fd(), &cname, mode, rdev))?;
         self.finish_new(&parent, &cname, caller)
     }
 
@@ -409,7 +440,7 @@ impl Volume {
         let parent = self.inodes.get(parent)?;
         let cname = self.child_name(&parent, name)?;
         let _ns = self.recorder.as_ref().map(|r| r.namespace_lock());
-        sys::mkdirat(parent.fd(), &cname, mode & 0o7777)?;
+        unmasked(|| sys::mkdirat(parent.fd(), &cname, mode & 0o7777))?;
         self.finish_new(&parent, &cname, caller)
     }
 
@@ -474,6 +505,7 @@ impl Volume {
         let cname = self.child_name(&parent, name)?;
         let rec = self.recorder.as_ref();
         let _ns = rec.map(|r| r.namespace_lock());
+        self.guard_state_dir(&parent, &cname)?;
         let flags = if dir { libc::AT_REMOVEDIR } else { 0 };
         sys::unlinkat(parent.fd(), &cname, flags)?;
         if let Some(r) = rec
@@ -510,6 +542,8 @@ impl Volume {
         let new = self.child_name(&new_parent, new_name)?;
         let rec = self.recorder.as_ref();
         let _ns = rec.map(|r| r.namespace_lock());
+        self.guard_state_dir(&parent, &old)?;
+        self.guard_state_dir(&new_parent, &new)?;
         let src_is_dir = sys::fstatat(parent.fd(), &old)
             .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
             .unwrap_or(false);
@@ -663,7 +697,8 @@ impl Volume {
         // O_EXCL here tells whether we made the file: only a new file is
         // given to the caller.
         let oflags = self.backing_flags(flags) | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
-        let (fd, entry) = match sys::openat(parent.fd(), &cname, oflags, mode & 0o7777) {
+        let (fd, entry) = match unmasked(|| sys::openat(parent.fd(), &cname, oflags, mode & 0o7777))
+        {
             Ok(fd) => (fd, self.finish_new(&parent, &cname, caller)?),
             Err(e) if e == Error::EEXIST && flags & libc::O_EXCL == 0 => {
                 let (fd, entry) = self.open_existing(&parent, &cname, flags, caller)?;
@@ -800,7 +835,8 @@ impl Volume {
             if let Some(seq) = seq
                 && f.flags & (libc::O_SYNC | libc::O_DSYNC) != 0
             {
-                r.journal().sync_through(seq);
+                // Not journaled durably: the write is not synchronous either.
+                r.journal().sync_through(seq).map_err(|_| Error::EIO)?;
             }
         }
         Ok(len)
@@ -851,8 +887,10 @@ impl Volume {
         let f = self.handles.file(fh)?;
         sys::fsync(f.file.as_raw_fd(), datasync)?;
         if let Some(r) = &self.recorder {
+            // A record the journal could not make durable fails the fsync.
             r.journal()
-                .sync_through(f.inode.last_seq.load(std::sync::atomic::Ordering::Acquire));
+                .sync_through(f.inode.last_seq.load(std::sync::atomic::Ordering::Acquire))
+                .map_err(|_| Error::EIO)?;
         }
         Ok(())
     }
@@ -1054,7 +1092,9 @@ impl Volume {
         sys::fsync(fd.as_raw_fd(), datasync)?;
         // Names in the directory are namespace records: make all of them durable.
         if let Some(r) = &self.recorder {
-            r.journal().sync_through(r.journal().last_seq());
+            r.journal()
+                .sync_through(r.journal().last_seq())
+                .map_err(|_| Error::EIO)?;
         }
         Ok(())
     }
@@ -1172,6 +1212,27 @@ impl Volume {
         }
         Ok(())
     }
+}
+
+/// Runs a create on a caller's behalf with no umask: the kernel already applied
+/// the caller's umask to the mode, and the daemon's own (0077, for its state
+/// dir) must not mask it again. The request thread gets a private umask
+/// (unshare CLONE_FS), so zeroing it for the call affects no other thread.
+fn unmasked<T>(create: impl FnOnce() -> Result<T>) -> Result<T> {
+    thread_local!(static PRIVATE_UMASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    if !PRIVATE_UMASK.get() {
+        // SAFETY: unshare(CLONE_FS) only detaches this thread's fs attributes.
+        if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+            return Err(Error::last_os_error());
+        }
+        PRIVATE_UMASK.set(true);
+    }
+    // SAFETY: umask has no preconditions; it is this thread's own now.
+    let old = unsafe { libc::umask(0) };
+    let r = create();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    r
 }
 
 /// The record that creates an object like the one `st` describes at `path`.

@@ -54,7 +54,7 @@ impl TestMount {
         let root = dir.path().canonicalize().expect("canonical temp dir");
         let backing = root.join("backing");
         let mnt = root.join("mnt");
-        // Explicit modes: mounting sets the process umask to 0.
+        // Explicit modes, whatever the umask of the test process.
         for d in [&backing, &mnt] {
             std::fs::create_dir(d).expect("mkdir");
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
