@@ -516,11 +516,25 @@ impl Journal {
         }
     }
 
+    /// Every seq up to this one went through a sync: it is durable, or its
+    /// write or sync failed and its regions are in the dirty list (the resync
+    /// repairs them). What a replication sender may ship: nothing beyond it
+    /// can vanish in a power cut and have its seq reused, and failed records
+    /// never hold the stream up (a failed write left no frame, so it reads as
+    /// a gap, which the dirty list covers).
+    pub fn settled_seq(&self) -> u64 {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .settled
+    }
+
     /// Asks the writer to make every record up to `seq` durable without
     /// waiting; false if the request could not be queued (try again later).
     pub fn request_sync(&self, seq: u64) -> bool {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        self.durable_seq() >= seq || tx.is_some_and(|tx| tx.try_send(Msg::Sync(seq)).is_ok())
+        self.settled_seq() >= seq || tx.is_some_and(|tx| tx.try_send(Msg::Sync(seq)).is_ok())
     }
 
     /// Blocks until the record `seq` (and every one before it) went through a

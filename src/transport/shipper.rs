@@ -559,7 +559,7 @@ fn read_batch(
     max_records: usize,
     max_bytes: usize,
 ) -> Result<Read, String> {
-    let last = j.durable_seq();
+    let last = j.settled_seq();
     let target = last.min(from + max_records as u64 - 1);
     if target < from {
         return Ok(Read::Records(Vec::new(), from - 1));
@@ -765,7 +765,7 @@ async fn stream(
             ));
         }
         let want = sender.wants();
-        let ready = want.is_some_and(|from| journal.durable_seq() >= from);
+        let ready = want.is_some_and(|from| journal.settled_seq() >= from);
         if !ready {
             // Records written but not durable yet: a group commit, asked for
             // only while there is nothing durable to send.
@@ -1034,7 +1034,7 @@ async fn send_snapshot(
     // hand out again.
     // One queued request is enough: the writer keeps its sync target.
     let mut requested = false;
-    while sh.journal.durable_seq() < at {
+    while sh.journal.settled_seq() < at {
         if sh.stop.load(Ordering::Acquire) {
             return Err("stopping".into());
         }
@@ -1133,7 +1133,7 @@ mod tests {
         // Nothing asked for a sync: whatever the read returns is durable.
         let t = through(read_batch(&j, 1, 100, 1 << 20).unwrap());
         assert!(t <= j.durable_seq(), "read through {t} beyond durable");
-        j.sync_through(3);
+        j.sync_through(3).unwrap();
         assert_eq!(j.durable_seq(), 5);
         assert_eq!(through(read_batch(&j, 1, 100, 1 << 20).unwrap()), 5);
         let last = append(&j, 3);
@@ -1149,6 +1149,31 @@ mod tests {
         }
         assert_eq!(through(read_batch(&j, 6, 100, 1 << 20).unwrap()), 8);
         j.close().unwrap();
+    }
+
+    /// A failed journal sync must not stall replication for the rest of the
+    /// run: the failed records' regions are dirty (the resync repairs them),
+    /// and shipping goes on past them once they are settled.
+    #[test]
+    fn a_failed_sync_does_not_stall_shipping() {
+        let d = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(d.path(), JournalOptions::default()).unwrap();
+        append(&j, 2);
+        j.sync_through(2).unwrap();
+        j.faults().fail_sync.store(true, Ordering::Release);
+        let failed = append(&j, 2);
+        assert!(j.sync_through(failed).is_err());
+        j.faults().fail_sync.store(false, Ordering::Release);
+        let last = append(&j, 2);
+        j.sync_through(last).unwrap();
+        assert!(j.durable_seq() < failed);
+        let mut from = 1;
+        while from <= last {
+            let t = through(read_batch(&j, from, 100, 1 << 20).unwrap());
+            assert!(t >= from, "shipping stalled at {from}");
+            from = t + 1;
+        }
+        let _ = j.close();
     }
 
     /// The debt survives a reopen (a restart), is private, and goes only
