@@ -7,6 +7,7 @@ pub mod error;
 pub mod fuse;
 pub mod journal;
 pub mod mount;
+pub mod path;
 pub mod protocol;
 pub mod replica;
 pub mod transport;

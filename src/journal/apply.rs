@@ -1,7 +1,13 @@
-//! Applying records to a directory: journal replay and, later, the replica's
-//! applier. Paths are resolved beneath the target root only (openat2 with
-//! RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS for the parent, no-follow for the last
-//! component), so no record can reach outside it, whatever its path says.
+//! Applying records to a directory: journal replay and the replica's applier.
+//!
+//! Every record is treated as hostile. Its paths are parsed once into
+//! [`RelPath`]s (see [`check`]); every access resolves beneath the target root
+//! with openat2 (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) for the parent and
+//! no-follow for the last component, so no record reaches outside the root.
+//! Data ops (write, truncate, fallocate) open only regular files, without
+//! blocking (O_NONBLOCK, then an fstat check); mode changes never go through a
+//! symlink; device nodes are never created. What breaks these rules fails with
+//! a [`crate::path::Refused`] error.
 
 use std::ffi::CString;
 use std::io;
@@ -10,6 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use super::record::{Op, Record, Timestamp};
+use crate::path::{MAX_PATH, RelPath, checked, refused};
 
 pub struct Applier {
     root: OwnedFd,
@@ -24,30 +31,7 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 fn cstring(b: &[u8]) -> io::Result<CString> {
-    CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
-}
-
-/// Splits a record path into (parent components, last name), refusing anything
-/// that is not a plain relative path.
-fn split(path: &[u8]) -> io::Result<(&[u8], &[u8])> {
-    let bad = || {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("unsafe path {:?}", String::from_utf8_lossy(path)),
-        )
-    };
-    if path.is_empty() || path[0] == b'/' || path.contains(&0) {
-        return Err(bad());
-    }
-    for comp in path.split(|&c| c == b'/') {
-        if comp.is_empty() || comp == b"." || comp == b".." {
-            return Err(bad());
-        }
-    }
-    Ok(match path.iter().rposition(|&c| c == b'/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => (&b""[..], path),
-    })
+    CString::new(b).map_err(|_| refused("NUL byte in a name or value"))
 }
 
 fn ts(t: Option<Timestamp>) -> libc::timespec {
@@ -63,9 +47,82 @@ fn ts(t: Option<Timestamp>) -> libc::timespec {
     }
 }
 
+fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and stat buffer.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st)
+}
+
+/// Largest offset or size a data op may name (off_t is signed).
+const MAX_OFFSET: u64 = i64::MAX as u64;
+
+/// Checks everything about `r` that does not depend on the mirror: its paths,
+/// its file type (no device nodes), its offsets and sizes. A failure is a
+/// refusal; nothing has been touched.
+pub fn check(r: &Record) -> io::Result<()> {
+    let range = |offset: u64, len: u64| {
+        if offset.checked_add(len).is_none_or(|end| end > MAX_OFFSET) {
+            Err(refused(format!(
+                "range {offset}+{len} is beyond the largest file offset"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    match &r.op {
+        Op::Write { path, offset } => {
+            checked(path)?;
+            range(*offset, r.data.len() as u64)
+        }
+        Op::Truncate { path, size } => {
+            checked(path)?;
+            range(*size, 0)
+        }
+        Op::Fallocate {
+            path, offset, len, ..
+        } => {
+            checked(path)?;
+            range(*offset, *len)
+        }
+        Op::Mknod { path, mode, .. } => {
+            checked(path)?;
+            match mode & libc::S_IFMT {
+                0 | libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK => Ok(()),
+                libc::S_IFBLK | libc::S_IFCHR => {
+                    Err(refused("device nodes are never created on a replica"))
+                }
+                t => Err(refused(format!("mknod of file type {t:#o}"))),
+            }
+        }
+        Op::Symlink { path, target, .. } => {
+            checked(path)?;
+            if target.is_empty() || target.len() > MAX_PATH || target.contains(&0) {
+                return Err(refused("symlink target is empty, too long or has a NUL"));
+            }
+            Ok(())
+        }
+        Op::Link { existing, path } => checked(existing).and(checked(path)).map(drop),
+        Op::Rename { from, to, .. } => checked(from).and(checked(to)).map(drop),
+        Op::SetXattr { path, name, .. } | Op::RemoveXattr { path, name } => {
+            checked(path)?;
+            if name.is_empty() || name.contains(&0) {
+                return Err(refused("xattr name is empty or has a NUL"));
+            }
+            Ok(())
+        }
+        Op::Mkdir { path, .. }
+        | Op::Unlink { path }
+        | Op::Rmdir { path }
+        | Op::RemoveTree { path }
+        | Op::SetAttr { path, .. } => checked(path).map(drop),
+    }
+}
+
 impl Applier {
     pub fn new(root: &Path) -> io::Result<Applier> {
-        let c = cstring(root.as_os_str().as_bytes())?;
+        let c = CString::new(root.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in root path"))?;
         // SAFETY: valid C string; we own the returned fd.
         let fd = cvt(unsafe {
             libc::open(
@@ -78,7 +135,8 @@ impl Applier {
         })
     }
 
-    /// Opens `rel` (a directory path, may be empty) beneath the root.
+    /// Opens `rel` (a directory path, may be empty for the root) beneath the
+    /// root; a symlink anywhere on the way, or a way out, is a refusal.
     fn open_beneath(&self, rel: &[u8], flags: u64) -> io::Result<OwnedFd> {
         let path = if rel.is_empty() {
             cstring(b".")?
@@ -100,29 +158,126 @@ impl Applier {
             )
         };
         if fd < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ELOOP) | Some(libc::EXDEV) => refused(format!(
+                    "{:?} goes through a symlink or out of the mirror",
+                    String::from_utf8_lossy(rel)
+                )),
+                _ => e,
+            });
         }
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
 
     /// The parent directory of `path` and the last component.
-    fn parent(&self, path: &[u8]) -> io::Result<(OwnedFd, CString)> {
-        let (dir, name) = split(path)?;
-        let fd = self.open_beneath(dir, (libc::O_PATH | libc::O_DIRECTORY) as u64)?;
-        Ok((fd, cstring(name)?))
+    fn parent(&self, path: &RelPath) -> io::Result<(OwnedFd, CString)> {
+        let fd = self.open_beneath(path.split().0, (libc::O_PATH | libc::O_DIRECTORY) as u64)?;
+        Ok((fd, path.name_c()))
     }
 
-    /// Opens a regular file for writing (never following a symlink).
-    fn open_file(&self, path: &[u8]) -> io::Result<std::fs::File> {
+    /// An O_PATH fd for the object at `path` itself (a final symlink is not
+    /// followed: the fd is the symlink).
+    fn open_path(&self, path: &RelPath) -> io::Result<OwnedFd> {
         let (dir, name) = self.parent(path)?;
+        // SAFETY: valid fd and C string; we own the result.
         let fd = cvt(unsafe {
             libc::openat(
                 dir.as_raw_fd(),
                 name.as_ptr(),
-                libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
             )
         })?;
-        Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// The lstat of `path` beneath the root; None when it does not exist.
+    pub fn lstat(&self, path: &[u8]) -> io::Result<Option<libc::stat>> {
+        let path = checked(path)?;
+        let dir = match self.parent(&path) {
+            Ok(d) => d.0,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd, C string and stat buffer.
+        match cvt(unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                path.name_c().as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        }) {
+            Ok(_) => Ok(Some(st)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens a regular file for writing: never through a symlink, never
+    /// blocking (a fifo), never anything but a regular file.
+    fn open_file(&self, path: &[u8]) -> io::Result<std::fs::File> {
+        let path = checked(path)?;
+        let (dir, name) = self.parent(&path)?;
+        // SAFETY: valid fd and C string.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_WRONLY
+                    | libc::O_NONBLOCK
+                    | libc::O_NOFOLLOW
+                    | libc::O_NOCTTY
+                    | libc::O_CLOEXEC,
+            )
+        };
+        if fd == -1 {
+            let e = io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ELOOP) => refused(format!("data op on a symlink {path:?}")),
+                // A fifo without a reader.
+                Some(libc::ENXIO) | Some(libc::EISDIR) => {
+                    refused(format!("data op on a non-regular file {path:?}"))
+                }
+                _ => e,
+            });
+        }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let st = fstat(&fd)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(refused(format!(
+                "data op on a non-regular file {path:?} (type {:#o})",
+                st.st_mode & libc::S_IFMT
+            )));
+        }
+        Ok(std::fs::File::from(fd))
+    }
+
+    /// chmod of the object named `name` in `dir`, never through a symlink
+    /// (a symlink's own mode means nothing on Linux: it is left alone).
+    fn chmod_nofollow(&self, dir: &OwnedFd, name: &CString, mode: u32) -> io::Result<()> {
+        // SAFETY: valid fd and C string; we own the result.
+        let fd = cvt(unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        })?;
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if fstat(&fd)?.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            return Ok(());
+        }
+        // The fd is not a symlink: its /proc link names exactly that inode
+        // (fchmod itself does not take an O_PATH fd).
+        let p = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
+        // SAFETY: valid C string.
+        cvt(unsafe { libc::chmod(p.as_ptr(), mode & 0o7777) }).map(drop)
     }
 
     fn chown_chmod(
@@ -143,12 +298,15 @@ impl Applier {
             )
         })?;
         if let Some(mode) = mode {
-            cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode & 0o7777, 0) })?;
+            self.chmod_nofollow(dir, name, mode)?;
         }
         Ok(())
     }
 
     pub fn apply(&self, r: &Record) -> io::Result<()> {
+        check(r)?;
+        // Paths are checked: parsing again cannot fail.
+        let p = |b: &Vec<u8>| checked(b);
         match &r.op {
             Op::Write { path, offset } => {
                 use std::os::unix::fs::FileExt;
@@ -172,7 +330,7 @@ impl Applier {
                 uid,
                 gid,
             } => {
-                let (dir, name) = self.parent(path)?;
+                let (dir, name) = self.parent(&p(path)?)?;
                 if mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0 {
                     let fd = cvt(unsafe {
                         libc::openat(
@@ -184,6 +342,7 @@ impl Applier {
                     })?;
                     unsafe { libc::close(fd) };
                 } else {
+                    // A fifo or socket (check() refused the rest): an inert node.
                     cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), *mode, *rdev) })?;
                 }
                 self.chown_chmod(&dir, &name, Some(*mode), *uid, *gid)
@@ -194,7 +353,7 @@ impl Applier {
                 uid,
                 gid,
             } => {
-                let (dir, name) = self.parent(path)?;
+                let (dir, name) = self.parent(&p(path)?)?;
                 cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o700) })?;
                 self.chown_chmod(&dir, &name, Some(*mode), *uid, *gid)
             }
@@ -204,14 +363,15 @@ impl Applier {
                 uid,
                 gid,
             } => {
-                let (dir, name) = self.parent(path)?;
+                let (dir, name) = self.parent(&p(path)?)?;
                 let t = cstring(target)?;
                 cvt(unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })?;
                 self.chown_chmod(&dir, &name, None, *uid, *gid)
             }
             Op::Link { existing, path } => {
-                let (odir, oname) = self.parent(existing)?;
-                let (ndir, nname) = self.parent(path)?;
+                let (odir, oname) = self.parent(&p(existing)?)?;
+                let (ndir, nname) = self.parent(&p(path)?)?;
+                // Flags 0: a symlink is linked itself, never followed.
                 cvt(unsafe {
                     libc::linkat(
                         odir.as_raw_fd(),
@@ -224,18 +384,18 @@ impl Applier {
                 .map(drop)
             }
             Op::Unlink { path } => {
-                let (dir, name) = self.parent(path)?;
+                let (dir, name) = self.parent(&p(path)?)?;
                 cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
             }
             Op::Rmdir { path } => {
-                let (dir, name) = self.parent(path)?;
+                let (dir, name) = self.parent(&p(path)?)?;
                 cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })
                     .map(drop)
             }
-            Op::RemoveTree { path } => self.remove_tree(path),
+            Op::RemoveTree { path } => self.remove_tree(&p(path)?),
             Op::Rename { from, to, flags } => {
-                let (odir, oname) = self.parent(from)?;
-                let (ndir, nname) = self.parent(to)?;
+                let (odir, oname) = self.parent(&p(from)?)?;
+                let (ndir, nname) = self.parent(&p(to)?)?;
                 cvt(unsafe {
                     libc::renameat2(
                         odir.as_raw_fd(),
@@ -255,11 +415,9 @@ impl Applier {
                 atime,
                 mtime,
             } => {
-                let (dir, name) = self.parent(path)?;
+                let (dir, name) = self.parent(&p(path)?)?;
                 if let Some(mode) = mode {
-                    cvt(unsafe {
-                        libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode & 0o7777, 0)
-                    })?;
+                    self.chmod_nofollow(&dir, &name, *mode)?;
                 }
                 if uid.is_some() || gid.is_some() {
                     cvt(unsafe {
@@ -291,7 +449,7 @@ impl Applier {
                 value,
                 flags,
             } => {
-                let f = self.open_proc(path)?;
+                let f = self.open_proc(&p(path)?)?;
                 let n = cstring(xname)?;
                 cvt(unsafe {
                     libc::setxattr(
@@ -305,31 +463,47 @@ impl Applier {
                 .map(drop)
             }
             Op::RemoveXattr { path, name: xname } => {
-                let f = self.open_proc(path)?;
+                let f = self.open_proc(&p(path)?)?;
                 let n = cstring(xname)?;
                 cvt(unsafe { libc::removexattr(f.as_ptr(), n.as_ptr()) }).map(drop)
             }
         }
     }
 
-    /// A /proc path to the object at `path` (O_PATH, not following a final symlink),
-    /// for calls that take only paths. The fd is leaked into the path's lifetime by
-    /// keeping it in the returned guard.
-    fn open_proc(&self, path: &[u8]) -> io::Result<ProcPath> {
-        let (dir, name) = self.parent(path)?;
-        let fd = cvt(unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        })?;
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    /// A /proc path to the object at `path` (O_PATH, not following a final
+    /// symlink), for calls that take only paths. The fd stays open as long as
+    /// the returned guard.
+    fn open_proc(&self, path: &RelPath) -> io::Result<ProcPath> {
+        let fd = self.open_path(path)?;
         let path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
         Ok(ProcPath { _fd: fd, path })
     }
 
-    fn remove_tree(&self, path: &[u8]) -> io::Result<()> {
+    /// The extended attributes of `path` (a symlink's are not read); empty
+    /// when it has none or cannot be read.
+    pub fn xattrs(&self, path: &[u8]) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let path = checked(path)?;
+        let fd = self.open_path(&path)?;
+        if fstat(&fd)?.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            return Ok(vec![]);
+        }
+        let p = std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        Ok(crate::replica::snapshot::read_xattrs(&p, true))
+    }
+
+    /// The names in directory `dir` (None: the root), never through a symlink.
+    pub fn list_dir(&self, dir: Option<&RelPath>) -> io::Result<Vec<Vec<u8>>> {
+        let rel = dir.map(|d| d.as_bytes()).unwrap_or(b"");
+        let sub = self.open_beneath(rel, (libc::O_RDONLY | libc::O_DIRECTORY) as u64)?;
+        Ok(
+            std::fs::read_dir(format!("/proc/self/fd/{}", sub.as_raw_fd()))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().as_bytes().to_vec())
+                .collect(),
+        )
+    }
+
+    fn remove_tree(&self, path: &RelPath) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         cvt(unsafe {
@@ -343,16 +517,10 @@ impl Applier {
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }).map(drop);
         }
-        let sub = self.open_beneath(path, (libc::O_RDONLY | libc::O_DIRECTORY) as u64)?;
-        let entries: Vec<Vec<u8>> =
-            std::fs::read_dir(format!("/proc/self/fd/{}", sub.as_raw_fd()))?
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().as_bytes().to_vec())
-                .collect();
-        for e in entries {
-            let mut child = path.to_vec();
-            child.push(b'/');
-            child.extend_from_slice(&e);
+        for e in self.list_dir(Some(path))? {
+            let child = path
+                .child(&e)
+                .map_err(|e| refused(format!("cannot remove beneath {path:?}: {e}")))?;
             self.remove_tree(&child)?;
         }
         cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
@@ -408,12 +576,187 @@ mod tests {
                 },
                 b"",
             ));
+            let e = r.expect_err("accepted");
             assert!(
-                r.is_err(),
-                "{:?} was accepted",
+                crate::path::refusal(&e).is_some(),
+                "{:?}: {e}",
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    fn refused_reason(r: io::Result<()>) -> String {
+        let e = r.expect_err("the record was applied");
+        crate::path::refusal(&e)
+            .unwrap_or_else(|| panic!("an error, not a refusal: {e}"))
+            .to_string()
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// A symlink to an outside file, then a chmod of it: the outside file
+    /// keeps its mode (the mirror's symlink is left as it is).
+    #[test]
+    fn chmod_never_follows_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"s").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let a = Applier::new(&root).unwrap();
+        a.apply(&rec(
+            Op::Symlink {
+                path: b"s".to_vec(),
+                target: secret.as_os_str().as_bytes().to_vec(),
+                uid: 0,
+                gid: 0,
+            },
+            b"",
+        ))
+        .unwrap();
+        a.apply(&rec(
+            Op::SetAttr {
+                path: b"s".to_vec(),
+                mode: Some(0o4777),
+                uid: None,
+                gid: None,
+                atime: None,
+                mtime: None,
+            },
+            b"",
+        ))
+        .unwrap();
+        assert_eq!(mode_of(&secret), 0o600);
+        // A mode on a symlink's own create goes nowhere either.
+        a.apply(&rec(
+            Op::Mkdir {
+                path: b"d".to_vec(),
+                mode: 0o40751,
+                uid: 0,
+                gid: 0,
+            },
+            b"",
+        ))
+        .unwrap();
+        assert_eq!(mode_of(&root.join("d")), 0o751);
+        assert_eq!(mode_of(&secret), 0o600);
+    }
+
+    #[test]
+    fn device_nodes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Applier::new(dir.path()).unwrap();
+        for ty in [libc::S_IFBLK, libc::S_IFCHR, libc::S_IFDIR, libc::S_IFLNK] {
+            let why = refused_reason(a.apply(&rec(
+                Op::Mknod {
+                    path: b"d".to_vec(),
+                    mode: ty | 0o666,
+                    rdev: libc::makedev(7, 0),
+                    uid: 0,
+                    gid: 0,
+                },
+                b"",
+            )));
+            assert!(!why.is_empty());
+            assert!(a.lstat(b"d").unwrap().is_none(), "type {ty:o} created");
+        }
+    }
+
+    /// Data ops on a fifo (with or without a reader), a char device and a
+    /// symlink are refused, and none blocks.
+    #[test]
+    fn data_ops_touch_only_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, b"keep").unwrap();
+        let a = Applier::new(&root).unwrap();
+        a.apply(&rec(
+            Op::Mknod {
+                path: b"p".to_vec(),
+                mode: libc::S_IFIFO | 0o644,
+                rdev: 0,
+                uid: 0,
+                gid: 0,
+            },
+            b"",
+        ))
+        .unwrap();
+        // A char device left in the mirror by someone else (/dev/null's numbers).
+        let c = CString::new(root.join("null").as_os_str().as_bytes()).unwrap();
+        assert_eq!(
+            unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) },
+            0
+        );
+        std::os::unix::fs::symlink(&outside, root.join("l")).unwrap();
+        // A reader on the fifo: opening it for writing would succeed.
+        let reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(root.join("p"))
+            .unwrap();
+        use std::os::unix::fs::OpenOptionsExt;
+        for name in [&b"p"[..], b"null", b"l"] {
+            for op in [
+                Op::Write {
+                    path: name.to_vec(),
+                    offset: 0,
+                },
+                Op::Truncate {
+                    path: name.to_vec(),
+                    size: 0,
+                },
+                Op::Fallocate {
+                    path: name.to_vec(),
+                    mode: 0,
+                    offset: 0,
+                    len: 4096,
+                },
+            ] {
+                refused_reason(a.apply(&rec(op, b"data")));
+            }
+        }
+        drop(reader);
+        refused_reason(a.apply(&rec(
+            Op::Write {
+                path: b"p".to_vec(),
+                offset: 0,
+            },
+            b"x",
+        )));
+        assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn huge_ranges_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"").unwrap();
+        let a = Applier::new(dir.path()).unwrap();
+        for op in [
+            Op::Write {
+                path: b"f".to_vec(),
+                offset: u64::MAX - 1,
+            },
+            Op::Truncate {
+                path: b"f".to_vec(),
+                size: 1 << 63,
+            },
+            Op::Fallocate {
+                path: b"f".to_vec(),
+                mode: 0,
+                offset: 1 << 62,
+                len: 1 << 62,
+            },
+        ] {
+            refused_reason(a.apply(&rec(op, b"xy")));
+        }
+        assert_eq!(std::fs::metadata(dir.path().join("f")).unwrap().len(), 0);
     }
 
     #[test]

@@ -22,10 +22,9 @@
 //! mirror between two records of one batch (as it may on the primary).
 
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::journal::apply::Applier;
+use crate::journal::apply::{Applier, check};
 use crate::journal::record::{Op, Record};
 
 use super::store::{ApplyState, StateFile};
@@ -35,19 +34,6 @@ pub struct MirrorApplier {
     root: PathBuf,
     applier: Applier,
     sync: std::sync::Arc<dyn MirrorSync>,
-}
-
-fn safe_rel(p: &[u8]) -> Option<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
-    if p.is_empty() || p[0] == b'/' || p.contains(&0) {
-        return None;
-    }
-    if p.split(|&c| c == b'/')
-        .any(|c| c.is_empty() || c == b"." || c == b"..")
-    {
-        return None;
-    }
-    Some(PathBuf::from(std::ffi::OsStr::from_bytes(p)))
 }
 
 impl MirrorApplier {
@@ -67,15 +53,16 @@ impl MirrorApplier {
         })
     }
 
-    fn lstat(&self, p: &[u8]) -> io::Result<Option<std::fs::Metadata>> {
-        let rel = safe_rel(p)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unsafe path"))?;
-        match std::fs::symlink_metadata(self.root.join(rel)) {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Ok(None),
-            Err(e) => Err(e),
-        }
+    /// (dev, ino) of what the mirror holds at `p`, beneath the root, not
+    /// following symlinks; None when nothing is there.
+    fn lstat(&self, p: &[u8]) -> io::Result<Option<(u64, u64)>> {
+        Ok(self.applier.lstat(p)?.map(|st| (st.st_dev, st.st_ino)))
+    }
+
+    /// Applies a data record (no state needed: see [`MirrorApplier::apply`]).
+    pub fn apply_data_record(&self, lenient: bool, r: &Record) -> io::Result<()> {
+        check(r)?;
+        tolerate(lenient, r, self.apply_data(r))
     }
 
     /// Applies a data record; the errors a re-application can meet are ignored.
@@ -95,15 +82,14 @@ impl MirrorApplier {
     /// Namespace records sync the mirror and persist an intent first; data
     /// records persist nothing.
     pub fn apply(&self, state: &mut StateFile, r: &Record) -> io::Result<()> {
+        // A record refused outright changes nothing, not even the state file.
+        check(r)?;
         let lenient = r.seq <= state.state.lenient_through;
         if !r.op.is_namespace() {
             return tolerate(lenient, r, self.apply_data(r));
         }
         let (dev, ino) = match &r.op {
-            Op::Rename { from, .. } => self
-                .lstat(from)?
-                .map(|m| (m.dev(), m.ino()))
-                .unwrap_or((0, 0)),
+            Op::Rename { from, .. } => self.lstat(from)?.unwrap_or((0, 0)),
             _ => (0, 0),
         };
         // Records before this one may still be in the page cache: applied =
@@ -136,7 +122,7 @@ impl MirrorApplier {
             Op::RemoveTree { path } => self.lstat(path)?.is_none(),
             Op::Rename { from, .. } => match self.lstat(from)? {
                 None => true,
-                Some(m) => (m.dev(), m.ino()) != (s.intent_dev, s.intent_ino),
+                Some(id) => id != (s.intent_dev, s.intent_ino),
             },
             _ => false,
         };
@@ -193,11 +179,13 @@ impl MirrorApplier {
 }
 
 /// Records right after a fuzzy snapshot may find their effect already in the
-/// copy (a name already created, a source already renamed): their errors are
-/// logged and ignored.
+/// copy: a name already created or already removed, a source already renamed
+/// away, a directory already filled or replaced, an attribute already gone.
+/// Only those errors are ignored, and only within the lenient window; a full
+/// disk, an I/O error or anything else is a real error.
 fn tolerate(lenient: bool, r: &Record, res: io::Result<()>) -> io::Result<()> {
     match res {
-        Err(e) if lenient => {
+        Err(e) if lenient && overlap_explains(&r.op, &e) => {
             tracing::debug!(seq = r.seq, op = r.op.name(), error = %e, "ignored after snapshot");
             Ok(())
         }
@@ -205,9 +193,92 @@ fn tolerate(lenient: bool, r: &Record, res: io::Result<()>) -> io::Result<()> {
     }
 }
 
+/// Whether the fuzzy copy's overlap with the journal explains `e` for `op`.
+fn overlap_explains(op: &Op, e: &io::Error) -> bool {
+    let Some(errno) = e.raw_os_error() else {
+        return false;
+    };
+    match errno {
+        libc::ENOENT | libc::EEXIST | libc::ENOTEMPTY | libc::ENOTDIR | libc::EISDIR => true,
+        libc::ENODATA => matches!(op, Op::SetXattr { .. } | Op::RemoveXattr { .. }),
+        // A directory renamed beneath itself by moves the copy already shows.
+        libc::EINVAL => matches!(op, Op::Rename { .. }),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Within the lenient window only the errors the fuzzy copy explains are
+    /// ignored; a full disk or an I/O error is an error there too.
+    #[test]
+    fn lenient_window_ignores_only_overlap_errors() {
+        let err = |n| Err(io::Error::from_raw_os_error(n));
+        let mkdir = rec(
+            5,
+            Op::Mkdir {
+                path: b"d".to_vec(),
+                mode: 0o40755,
+                uid: 0,
+                gid: 0,
+            },
+        );
+        let write = Record {
+            seq: 5,
+            op: Op::Write {
+                path: b"f".to_vec(),
+                offset: 0,
+            },
+            data: vec![1],
+        };
+        for r in [&mkdir, &write] {
+            for n in [
+                libc::ENOSPC,
+                libc::EIO,
+                libc::EDQUOT,
+                libc::EROFS,
+                libc::EACCES,
+            ] {
+                assert!(tolerate(true, r, err(n)).is_err(), "errno {n} ignored");
+            }
+            for n in [libc::ENOENT, libc::EEXIST, libc::ENOTEMPTY] {
+                assert!(tolerate(true, r, err(n)).is_ok(), "errno {n} not ignored");
+                assert!(tolerate(false, r, err(n)).is_err());
+            }
+            assert!(tolerate(true, r, Err(io::Error::other("no errno"))).is_err());
+        }
+
+        // End to end: a mkdir already in the copy passes; a device node in
+        // the window is still refused.
+        let d = tempfile::tempdir().unwrap();
+        let mirror = d.path().join("m");
+        std::fs::create_dir_all(mirror.join("d")).unwrap();
+        let mut st = StateFile::open(&d.path().join("s")).unwrap();
+        st.store(ApplyState {
+            applied: 4,
+            lenient_through: 10,
+            ..Default::default()
+        })
+        .unwrap();
+        let ap = MirrorApplier::new(&mirror).unwrap();
+        ap.apply(&mut st, &mkdir).unwrap();
+        let dev = rec(
+            6,
+            Op::Mknod {
+                path: b"b".to_vec(),
+                mode: libc::S_IFBLK | 0o600,
+                rdev: 0,
+                uid: 0,
+                gid: 0,
+            },
+        );
+        let e = ap.apply(&mut st, &dev).unwrap_err();
+        assert!(crate::path::refusal(&e).is_some());
+        assert_eq!(st.state.intent_seq, 5, "a refused record stores no intent");
+    }
 
     fn rec(seq: u64, op: Op) -> Record {
         Record {

@@ -13,6 +13,14 @@
 //! journal on it), shown as `applied` by `replicafs status`, and never exceeds
 //! what a power cut leaves in the mirror. The receive log keeps every record
 //! above it.
+//!
+//! Refused records: a record the applier will not apply (see
+//! [`crate::path::Refused`]: a bad path, a device node, data for something
+//! that is not a regular file, a path through a symlink) is applied as a
+//! no-op. It is logged with its seq and reason, appended to
+//! `STATE/refused.log` and counted in status, and the applier goes on: its
+//! seq counts as applied (and, once the mirror is synced, durable) like any
+//! other, so a refused record never wedges replication.
 
 pub mod apply;
 pub mod snapshot;
@@ -44,6 +52,72 @@ impl MirrorSync for SyncFs {
 
 use apply::MirrorApplier;
 use store::{ApplyState, ReceiveLog, StateFile};
+
+/// `STATE/refused.log` moves to `refused.log.1` past this size (the one
+/// before is replaced): the two together stay under twice this.
+pub const REFUSED_LOG_MAX: u64 = 1 << 20;
+
+/// Records and snapshot entries the replica refused: logged, counted since
+/// the start, and appended to a bounded file in the state dir.
+pub struct RefusalLog {
+    path: PathBuf,
+    count: AtomicU64,
+    last: Mutex<Option<String>>,
+}
+
+impl RefusalLog {
+    pub fn new(state_dir: &Path) -> RefusalLog {
+        RefusalLog {
+            path: state_dir.join("refused.log"),
+            count: AtomicU64::new(0),
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Records one refusal (`seq` None: a snapshot entry).
+    pub fn refuse(&self, seq: Option<u64>, what: &str, path: &[u8], reason: &str) {
+        let shown = String::from_utf8_lossy(&path[..path.len().min(200)]);
+        let reason: String = reason.chars().take(400).collect();
+        let seq_s = seq.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+        warn!(seq = %seq_s, op = what, path = %shown, %reason, "record refused; applied as a no-op");
+        let line = format!("seq {seq_s} {what} {shown:?}: {reason}");
+        self.count.fetch_add(1, Ordering::AcqRel);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = self.append(&line) {
+            warn!(error = %e, file = %self.path.display(), "cannot write the refusal log");
+        }
+        *last = Some(line);
+    }
+
+    fn append(&self, line: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.len() >= REFUSED_LOG_MAX) {
+            std::fs::rename(&self.path, self.path.with_extension("log.1"))?;
+        }
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.path)?;
+        f.write_all(format!("{secs} {line}\n").as_bytes())
+    }
+
+    /// Refusals since the replica started.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// The latest refusal, as written to the log.
+    pub fn last(&self) -> Option<String> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
 
 /// What the network side reports to the primary.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -82,6 +156,7 @@ struct Inner {
     /// Held by the applier while it applies; true while a snapshot replaces
     /// the mirror.
     gate: Mutex<bool>,
+    refusals: Arc<RefusalLog>,
 }
 
 pub struct Replica {
@@ -161,6 +236,7 @@ impl Replica {
             stop: AtomicBool::new(false),
             payload_applied: AtomicU64::new(0),
             gate: Mutex::new(false),
+            refusals: Arc::new(RefusalLog::new(&state_dir)),
         });
         let applier = MirrorApplier::with_sync(&inner.mirror, sync)
             .map_err(|e| format!("cannot open the mirror: {e}"))?;
@@ -183,6 +259,16 @@ impl Replica {
 
     pub fn mirror(&self) -> &Path {
         &self.inner.mirror
+    }
+
+    /// Refused records and snapshot entries.
+    pub fn refusals(&self) -> &Arc<RefusalLog> {
+        &self.inner.refusals
+    }
+
+    /// A snapshot applier for this mirror that reports refused entries here.
+    pub fn snapshot_applier(&self) -> std::io::Result<snapshot::SnapshotApplier> {
+        snapshot::SnapshotApplier::with_log(&self.inner.mirror, Some(self.inner.refusals.clone()))
     }
 
     pub fn volume_id(&self) -> Option<u64> {
@@ -489,15 +575,37 @@ fn apply_next(
     };
     let mut payload = 0u64;
     for r in records.iter().filter(|r| r.seq >= next) {
-        let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
-        let res = if st.state.intent_seq == r.seq {
-            applier.resolve_intent(&mut st, r)
+        let res = if r.op.is_namespace() {
+            let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
+            let res = if st.state.intent_seq == r.seq {
+                applier.resolve_intent(&mut st, r)
+            } else {
+                applier.apply(&mut st, r)
+            };
+            // A namespace record syncs the mirror and persists the seq before it.
+            inner.durable.fetch_max(st.state.applied, Ordering::AcqRel);
+            res
         } else {
-            applier.apply(&mut st, r)
+            // Data records need no state: the state lock is not held while
+            // one is applied.
+            let lenient = {
+                let st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
+                r.seq <= st.state.lenient_through
+            };
+            applier.apply_data_record(lenient, r)
         };
-        // A namespace record syncs the mirror and persists the seq before it.
-        inner.durable.fetch_max(st.state.applied, Ordering::AcqRel);
-        drop(st);
+        let res = match res {
+            Err(e) => match crate::path::refusal(&e) {
+                Some(reason) => {
+                    inner
+                        .refusals
+                        .refuse(Some(r.seq), r.op.name(), r.op.path(), reason);
+                    Ok(())
+                }
+                None => Err(e),
+            },
+            ok => ok,
+        };
         if let Err(e) = res {
             *failures += 1;
             set_error(

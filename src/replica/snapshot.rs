@@ -1,22 +1,31 @@
 //! Applying a full snapshot to a fresh replica's mirror: directories, files
 //! and symlinks are made to match what the primary sent (whatever the mirror
 //! held before), and at the end every mirror entry the snapshot did not name is
-//! removed. Paths go through the journal's [`Applier`] (resolved beneath the
-//! mirror, no symlinks followed), so a snapshot cannot reach outside it.
+//! removed. Every access goes through the journal's [`Applier`] (paths checked
+//! once, resolved beneath the mirror, no symlinks followed), so a snapshot
+//! cannot reach outside it. An entry the applier refuses (a bad path, a path
+//! through a symlink) is skipped and reported to the replica's refusal log;
+//! the snapshot goes on.
 
 use std::collections::HashSet;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use crate::journal::apply::Applier;
 use crate::journal::record::{Op, Record};
+use crate::path::{RelPath, checked, refusal};
 use crate::protocol::message::EntryKind;
 
+use super::RefusalLog;
+
 pub struct SnapshotApplier {
-    mirror: PathBuf,
     applier: Applier,
     seen: HashSet<Vec<u8>>,
+    /// Entries refused: their data messages are dropped too.
+    refused: HashSet<Vec<u8>>,
+    log: Option<Arc<RefusalLog>>,
     pub entries: u64,
     pub bytes: u64,
 }
@@ -25,12 +34,20 @@ fn rec(op: Op, data: Vec<u8>) -> Record {
     Record { seq: 0, op, data }
 }
 
+const S_IFMT: u32 = libc::S_IFMT;
+
 impl SnapshotApplier {
     pub fn new(mirror: &Path) -> io::Result<SnapshotApplier> {
+        SnapshotApplier::with_log(mirror, None)
+    }
+
+    /// Refused entries are recorded in `log`.
+    pub fn with_log(mirror: &Path, log: Option<Arc<RefusalLog>>) -> io::Result<SnapshotApplier> {
         Ok(SnapshotApplier {
-            mirror: mirror.to_path_buf(),
             applier: Applier::new(mirror)?,
             seen: HashSet::new(),
+            refused: HashSet::new(),
+            log,
             entries: 0,
             bytes: 0,
         })
@@ -40,15 +57,29 @@ impl SnapshotApplier {
         self.applier.apply(&rec(op, vec![]))
     }
 
-    fn existing(&self, path: &[u8]) -> Option<std::fs::Metadata> {
-        // Only for a type check; the Applier does the safe resolution.
-        std::fs::symlink_metadata(self.mirror.join(std::ffi::OsStr::from_bytes(path))).ok()
+    /// The file type (S_IFMT bits) of what the mirror holds at `path`.
+    fn existing(&self, path: &[u8]) -> io::Result<Option<u32>> {
+        Ok(self.applier.lstat(path)?.map(|st| st.st_mode & S_IFMT))
     }
 
     fn remove(&self, path: &[u8]) -> io::Result<()> {
         self.apply(Op::RemoveTree {
             path: path.to_vec(),
         })
+    }
+
+    /// A refused entry is logged and skipped; any other error ends the snapshot.
+    fn refuse_or_fail(&mut self, path: &[u8], what: &str, e: io::Error) -> io::Result<()> {
+        let Some(reason) = refusal(&e) else {
+            return Err(e);
+        };
+        if let Some(log) = &self.log {
+            log.refuse(None, what, path, reason);
+        } else {
+            tracing::warn!(what, path = %String::from_utf8_lossy(path), reason, "snapshot entry refused");
+        }
+        self.refused.insert(path.to_vec());
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -63,14 +94,33 @@ impl SnapshotApplier {
         target: &[u8],
         xattrs: &[(Vec<u8>, Vec<u8>)],
     ) -> io::Result<()> {
-        let old = self.existing(path);
+        match self.entry_inner(path, kind, mode, uid, gid, size, target, xattrs) {
+            Ok(()) => Ok(()),
+            Err(e) => self.refuse_or_fail(path, "snapshot entry", e),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn entry_inner(
+        &mut self,
+        path: &[u8],
+        kind: EntryKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        size: u64,
+        target: &[u8],
+        xattrs: &[(Vec<u8>, Vec<u8>)],
+    ) -> io::Result<()> {
+        checked(path)?;
+        let old = self.existing(path)?;
         let p = path.to_vec();
         match kind {
             EntryKind::Dir => {
-                if old.as_ref().is_some_and(|m| !m.is_dir()) {
+                if old.is_some_and(|t| t != libc::S_IFDIR) {
                     self.remove(path)?;
                 }
-                if !old.as_ref().is_some_and(|m| m.is_dir()) {
+                if old != Some(libc::S_IFDIR) {
                     self.apply(Op::Mkdir {
                         path: p.clone(),
                         mode: libc::S_IFDIR | (mode & 0o7777),
@@ -80,10 +130,10 @@ impl SnapshotApplier {
                 }
             }
             EntryKind::File => {
-                if old.as_ref().is_some_and(|m| !m.is_file()) {
+                if old.is_some_and(|t| t != libc::S_IFREG) {
                     self.remove(path)?;
                 }
-                if !old.as_ref().is_some_and(|m| m.is_file()) {
+                if old != Some(libc::S_IFREG) {
                     self.apply(Op::Mknod {
                         path: p.clone(),
                         mode: libc::S_IFREG | (mode & 0o7777),
@@ -98,14 +148,15 @@ impl SnapshotApplier {
                 })?;
             }
             EntryKind::Link => {
-                if old.is_some() {
-                    self.remove(path)?;
-                }
+                checked(target)?;
                 if !self.seen.contains(target) {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "snapshot link to a path without its entry",
                     ));
+                }
+                if old.is_some() {
+                    self.remove(path)?;
                 }
                 self.apply(Op::Link {
                     existing: target.to_vec(),
@@ -136,10 +187,7 @@ impl SnapshotApplier {
                 atime: None,
                 mtime: None,
             })?;
-        }
-        if kind != EntryKind::Symlink {
-            let abs = self.mirror.join(std::ffi::OsStr::from_bytes(path));
-            for (name, _) in list_xattrs(&abs) {
+            for (name, _) in self.applier.xattrs(path)? {
                 if !xattrs.iter().any(|(n, _)| *n == name) {
                     self.apply(Op::RemoveXattr {
                         path: p.clone(),
@@ -162,6 +210,9 @@ impl SnapshotApplier {
     }
 
     pub fn data(&mut self, path: &[u8], offset: u64, data: Vec<u8>) -> io::Result<()> {
+        if self.refused.contains(path) {
+            return Ok(());
+        }
         if !self.seen.contains(path) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -169,37 +220,35 @@ impl SnapshotApplier {
             ));
         }
         self.bytes += data.len() as u64;
-        self.applier.apply(&rec(
+        let r = self.applier.apply(&rec(
             Op::Write {
                 path: path.to_vec(),
                 offset,
             },
             data,
-        ))
+        ));
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => self.refuse_or_fail(path, "snapshot data", e),
+        }
     }
 
     /// Removes what the snapshot did not name; returns how many were removed.
     pub fn finish(&self) -> io::Result<u64> {
         let mut removed = 0;
-        let mut stack = vec![Vec::<u8>::new()];
+        let mut stack: Vec<Option<RelPath>> = vec![None];
         while let Some(dir) = stack.pop() {
-            let abs = if dir.is_empty() {
-                self.mirror.clone()
-            } else {
-                self.mirror.join(std::ffi::OsStr::from_bytes(&dir))
-            };
-            for e in std::fs::read_dir(&abs)? {
-                let e = e?;
-                let mut rel = dir.clone();
-                if !rel.is_empty() {
-                    rel.push(b'/');
+            for name in self.applier.list_dir(dir.as_ref())? {
+                let rel = match &dir {
+                    None => RelPath::parse(&name),
+                    Some(d) => d.child(&name),
                 }
-                rel.extend_from_slice(e.file_name().as_bytes());
-                if !self.seen.contains(&rel) {
-                    self.remove(&rel)?;
+                .map_err(|e| io::Error::other(format!("mirror entry {name:?}: {e}")))?;
+                if !self.seen.contains(rel.as_bytes()) {
+                    self.remove(rel.as_bytes())?;
                     removed += 1;
-                } else if e.file_type()?.is_dir() {
-                    stack.push(rel);
+                } else if self.existing(rel.as_bytes())? == Some(libc::S_IFDIR) {
+                    stack.push(Some(rel));
                 }
             }
         }
@@ -209,12 +258,24 @@ impl SnapshotApplier {
 
 /// The extended attributes of `path` (not following a final symlink).
 pub fn list_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    read_xattrs(path, false)
+}
+
+/// The extended attributes of `path`; `follow`: through a final symlink (for
+/// a /proc/self/fd link naming an inode already opened safely).
+pub fn read_xattrs(path: &Path, follow: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return vec![];
     };
     let mut names = vec![0u8; 64 << 10];
     // SAFETY: valid C string and buffer.
-    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    let n = unsafe {
+        if follow {
+            libc::listxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len())
+        } else {
+            libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len())
+        }
+    };
     if n <= 0 {
         return vec![];
     }
@@ -228,7 +289,13 @@ pub fn list_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
         };
         let mut v = vec![0u8; 64 << 10];
         // SAFETY: valid C strings and buffer.
-        let m = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        let m = unsafe {
+            if follow {
+                libc::getxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len())
+            } else {
+                libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len())
+            }
+        };
         if m >= 0 {
             v.truncate(m as usize);
             out.push((name.to_vec(), v));

@@ -72,17 +72,13 @@ pub struct PassReport {
     pub lost: usize,
 }
 
-fn rel_path(backing: &Path, rel: &[u8]) -> Option<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
-    if rel.is_empty()
-        || rel[0] == b'/'
-        || rel
-            .split(|&c| c == b'/')
-            .any(|c| c.is_empty() || c == b"." || c == b"..")
-    {
-        return None;
+/// The regular file at dirty path `rel` beneath the backing dir (never
+/// through a symlink); None when it is missing or not a regular file.
+fn open_dirty(backing: &Path, rel: &[u8]) -> io::Result<Option<std::fs::File>> {
+    match crate::path::RelPath::parse(rel) {
+        Ok(p) => crate::path::open_regular_beneath(backing, &p),
+        Err(_) => Ok(None),
     }
-    Some(backing.join(std::ffi::OsStr::from_bytes(rel)))
 }
 
 impl CatchUp {
@@ -96,10 +92,7 @@ impl CatchUp {
             if !r.is_whole() || rec.exclusions().is_excluded(&r.path) {
                 continue;
             }
-            let regular = rel_path(&self.backing, &r.path)
-                .and_then(|p| std::fs::symlink_metadata(p).ok())
-                .is_some_and(|m| m.is_file());
-            if !regular {
+            if open_dirty(&self.backing, &r.path)?.is_none() {
                 return Ok(true);
             }
         }
@@ -124,12 +117,15 @@ impl CatchUp {
                 break;
             }
             let excluded = rec.exclusions().is_excluded(&region.path);
-            let path = rel_path(&self.backing, &region.path);
-            let meta = path.as_ref().map(std::fs::symlink_metadata);
-            match (excluded, path, meta) {
-                (false, Some(path), Some(Ok(m))) if m.is_file() => {
+            let file = if excluded {
+                None
+            } else {
+                open_dirty(&self.backing, &region.path)?
+            };
+            match (excluded, file) {
+                (false, Some(file)) => {
                     let (sent, rest) = self.send_file(
-                        &path,
+                        file,
                         &region,
                         budget.saturating_sub(report.bytes).max(CHUNK),
                     )?;
@@ -145,7 +141,7 @@ impl CatchUp {
                         break;
                     }
                 }
-                (excluded, _, _) => {
+                (excluded, _) => {
                     // Gone, not a regular file, or excluded: nothing the stream
                     // can express idempotently (a full tree resync would).
                     if !excluded {
@@ -178,7 +174,7 @@ impl CatchUp {
     /// budget ran out first, the (offset, len) still to send.
     fn send_file(
         &self,
-        path: &Path,
+        file: std::fs::File,
         region: &DirtyRegion,
         budget: u64,
     ) -> io::Result<(u64, Option<(u64, u64)>)> {
@@ -186,11 +182,6 @@ impl CatchUp {
             return Ok((0, None));
         };
         let journal = rec.journal();
-        let file = match std::fs::File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, None)),
-            Err(e) => return Err(e),
-        };
         let mut sent = 0u64;
         if region.is_whole() {
             use std::os::unix::fs::MetadataExt;
@@ -214,7 +205,9 @@ impl CatchUp {
                 },
                 &[],
             );
-            for (name, value) in crate::replica::snapshot::list_xattrs(path) {
+            use std::os::fd::AsRawFd;
+            let fd_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            for (name, value) in crate::replica::snapshot::read_xattrs(&fd_path, true) {
                 journal.append(
                     &Op::SetXattr {
                         path: region.path.clone(),

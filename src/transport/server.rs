@@ -104,6 +104,10 @@ impl ReplicaServer {
                 throughput_bytes_per_sec: throughput,
                 wire_bytes: i.wire_bytes,
                 payload_bytes: i.payload_bytes,
+                refused: Some(super::status::Refusals {
+                    count: r.refusals().count(),
+                    last: r.refusals().last(),
+                }),
             }],
         }
     }
@@ -216,7 +220,7 @@ async fn session(
                             let rep = replica.clone();
                             let sa = tokio::task::spawn_blocking(move || {
                                 rep.begin_snapshot()?;
-                                SnapshotApplier::new(rep.mirror()).map_err(|e| format!("snapshot: {e}"))
+                                rep.snapshot_applier().map_err(|e| format!("snapshot: {e}"))
                             })
                             .await
                             .map_err(|e| e.to_string())??;

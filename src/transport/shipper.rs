@@ -434,6 +434,7 @@ fn status(sh: &Shared) -> Status {
                 throughput_bytes_per_sec: throughput,
                 wire_bytes: s.wire_bytes,
                 payload_bytes: s.payload_bytes,
+                refused: None,
             }
         })
         .collect();

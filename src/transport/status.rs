@@ -39,6 +39,18 @@ pub struct PeerStatus {
     pub throughput_bytes_per_sec: f64,
     pub wire_bytes: u64,
     pub payload_bytes: u64,
+    /// Replica side only: records and snapshot entries refused (applied as
+    /// no-ops; see `STATE/refused.log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Refusals>,
+}
+
+/// What a replica refused since it started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Refusals {
+    pub count: u64,
+    /// The latest one: seq, op, path and reason.
+    pub last: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -223,6 +235,16 @@ pub fn render(s: &Status) -> String {
             human_bytes(p.wire_bytes as f64),
             human_bytes(p.payload_bytes as f64),
         ));
+        if let Some(r) = p.refused.as_ref().filter(|r| r.count > 0) {
+            out.push_str(&format!(
+                "  refused {} records (applied as no-ops; see refused.log){}\n",
+                r.count,
+                r.last
+                    .as_ref()
+                    .map(|l| format!(", last: {l}"))
+                    .unwrap_or_default()
+            ));
+        }
     }
     out
 }
