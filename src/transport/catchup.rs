@@ -74,9 +74,11 @@ pub struct PassReport {
 
 /// The regular file at dirty path `rel` beneath the backing dir (never
 /// through a symlink); None when it is missing or not a regular file.
+/// An error counts as "not a regular file" (the path is then repaired by a
+/// snapshot), as it did before.
 fn open_dirty(backing: &Path, rel: &[u8]) -> io::Result<Option<std::fs::File>> {
     match crate::path::RelPath::parse(rel) {
-        Ok(p) => crate::path::open_regular_beneath(backing, &p),
+        Ok(p) => Ok(crate::path::open_regular_beneath(backing, &p).unwrap_or(None)),
         Err(_) => Ok(None),
     }
 }

@@ -866,7 +866,7 @@ fn snapshot_entries(
     hidden: Option<&[u8]>,
 ) -> std::io::Result<(u64, Vec<SnapshotItem>)> {
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::MetadataExt;
     let rec = cu.volume.recorder();
     let state_key = cu.volume.state_dir_key();
     let _ns = rec.map(|r| r.namespace_lock());
@@ -909,10 +909,15 @@ fn snapshot_entries(
                     }
                     links.insert((m.dev(), m.ino()), rel.clone());
                 }
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(e.path())?;
+                // Beneath the backing dir, no symlink followed, never a fifo.
+                let Some(f) = crate::path::RelPath::parse(&rel)
+                    .ok()
+                    .map(|p| crate::path::open_regular_beneath(&cu.backing, &p))
+                    .transpose()?
+                    .flatten()
+                else {
+                    continue;
+                };
                 out.push((rel, EntryKind::File, m, Vec::new(), Some(f)));
             } else if ft.is_symlink() {
                 let t = std::fs::read_link(e.path())?;
