@@ -702,6 +702,29 @@ mod tests {
     use crate::protocol::message::encode_records;
     use std::time::Instant;
 
+    /// The refusal log counts every refusal, keeps the latest, and stays
+    /// under twice its rotation size however many refusals come.
+    #[test]
+    fn refusal_log_is_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let log = RefusalLog::new(d.path());
+        let long = vec![b'x'; 5000];
+        let n = 3 * REFUSED_LOG_MAX / 400;
+        for seq in 1..=n {
+            log.refuse(Some(seq), "write", &long, &"why ".repeat(200));
+        }
+        assert_eq!(log.count(), n);
+        assert!(log.last().unwrap().contains(&format!("seq {n} write")));
+        let size = |name: &str| std::fs::metadata(d.path().join(name)).map(|m| m.len());
+        let (a, b) = (size("refused.log").unwrap(), size("refused.log.1").unwrap());
+        assert!(
+            a <= REFUSED_LOG_MAX + 1024 && b <= REFUSED_LOG_MAX + 1024,
+            "{a} {b}"
+        );
+        let text = std::fs::read_to_string(d.path().join("refused.log")).unwrap();
+        assert!(text.ends_with(&format!("{}\n", log.last().unwrap())));
+    }
+
     /// Record `seq` writes its own number at `8 * (seq - 1)` of `f`, or (for
     /// the seqs in `dirs`) creates the directory `d<seq>`.
     fn rec(seq: u64, dirs: &[u64]) -> Record {
