@@ -426,6 +426,24 @@ fn hostile_records_stay_inside_the_mirror() {
     refused += 2;
     rig.wait_applied("char device + write", last, refused);
 
+    // A refusal, then a record that fails until the mirror is fixed: the
+    // batch is retried, and the refusal is reported once.
+    let last = peer.batch(vec![
+        (write(b"null", 0), b"x"),
+        (write(b"missing", 0), b"y"),
+    ]);
+    refused += 1;
+    let p = rig.wait("refusal before a failing record", |p| {
+        p["error"].is_string()
+    });
+    assert!(p["error"].as_str().unwrap().contains("missing"), "{p}");
+    std::fs::write(rig.mirror.join("missing"), b"").unwrap();
+    rig.wait("the failing record retried", |p| {
+        p["applied"].as_u64() >= Some(last)
+    });
+    rig.wait_applied("the failing record retried", last, refused);
+    assert_eq!(std::fs::read(rig.mirror.join("missing")).unwrap(), b"y");
+
     // Bad paths: each refused, nothing created anywhere.
     let long = vec![b'a'; 5000];
     let long_name = [b"d/".to_vec(), vec![b'n'; 300]].concat();

@@ -157,6 +157,9 @@ struct Inner {
     /// the mirror.
     gate: Mutex<bool>,
     refusals: Arc<RefusalLog>,
+    /// The highest seq refused: a batch retried after a later record failed
+    /// does not report its refusals again.
+    refused_through: AtomicU64,
 }
 
 pub struct Replica {
@@ -237,6 +240,7 @@ impl Replica {
             payload_applied: AtomicU64::new(0),
             gate: Mutex::new(false),
             refusals: Arc::new(RefusalLog::new(&state_dir)),
+            refused_through: AtomicU64::new(0),
         });
         let applier = MirrorApplier::with_sync(&inner.mirror, sync)
             .map_err(|e| format!("cannot open the mirror: {e}"))?;
@@ -365,6 +369,7 @@ impl Replica {
         .map_err(err_msg)?;
         self.inner.resets.fetch_add(1, Ordering::AcqRel);
         self.inner.durable.store(0, Ordering::Release);
+        self.inner.refused_through.store(0, Ordering::Release);
         drop(st);
         self.inner.received.store(0, Ordering::Release);
         self.inner.applied.store(0, Ordering::Release);
@@ -597,9 +602,11 @@ fn apply_next(
         let res = match res {
             Err(e) => match crate::path::refusal(&e) {
                 Some(reason) => {
-                    inner
-                        .refusals
-                        .refuse(Some(r.seq), r.op.name(), r.op.path(), reason);
+                    if inner.refused_through.fetch_max(r.seq, Ordering::AcqRel) < r.seq {
+                        inner
+                            .refusals
+                            .refuse(Some(r.seq), r.op.name(), r.op.path(), reason);
+                    }
                     Ok(())
                 }
                 None => Err(e),
