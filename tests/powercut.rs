@@ -15,7 +15,8 @@
 //!
 //! The guest is a Debian cloud kernel with a busybox initramfs (see
 //! tests/powercut/). Knobs: POWERCUT_ROUNDS (default 3), POWERCUT_SEED,
-//! POWERCUT_KEEP=1 (keep the work dir), POWERCUT_CACHE (kernel cache dir).
+//! POWERCUT_KEEP=1 (keep the work dir), POWERCUT_MODE=work|clean (only that
+//! kind of round), POWERCUT_CACHE (kernel cache dir).
 
 mod common;
 
@@ -110,6 +111,15 @@ fn parse_log(log: &str, kind: &str) -> Vec<Promise> {
             Some(Promise { file, slot, tag })
         })
         .collect()
+}
+
+/// The guest saw the replica report a durable applied seq above 0.
+fn replica_reported(log: &str) -> bool {
+    log.lines().any(|l| {
+        l.split_once("PC RAPPLIED ")
+            .and_then(|(_, n)| n.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -350,8 +360,12 @@ impl Run {
                     &format!("pc.mode=work pc.seed={gseed}"),
                     &self.initrd,
                 );
-                let reached =
-                    g.wait_for(|l| l.matches("PC ACK ").count() >= acks || l.contains("PC FAIL"))?;
+                // Once the replica persisted an applied seq too (or, should it
+                // never do so, a while later), so that its promise is tested.
+                let reached = g.wait_for(|l| {
+                    let n = l.matches("PC ACK ").count();
+                    n >= acks && (replica_reported(l) || n >= acks + 400) || l.contains("PC FAIL")
+                })?;
                 g.cut();
                 let log = g.log_text();
                 if !reached || log.contains("PC FAIL") {
@@ -517,13 +531,16 @@ fn power_cuts_keep_every_promise() {
         dir: dir.clone(),
         bin,
     };
+    // POWERCUT_MODE=work|clean: every round of that kind (default: alternate).
+    let only = std::env::var("POWERCUT_MODE").ok();
     let mut rng = Rng::new(seed);
     let mut failures = Vec::new();
     for round in 0..rounds {
-        let mode = if round % 2 == 1 {
-            Mode::Clean
-        } else {
-            Mode::Work
+        let mode = match only.as_deref() {
+            Some("work") => Mode::Work,
+            Some("clean") => Mode::Clean,
+            _ if round % 2 == 1 => Mode::Clean,
+            _ => Mode::Work,
         };
         if let Err(e) = run.round(round, mode, &mut rng, seed) {
             failures.push(e);

@@ -74,6 +74,14 @@ case "$MODE" in
 work)
   start_daemons
   say READY
+  # The replica's durable applied seq, for the host to cut the power once
+  # the replica has persisted one.
+  while :; do
+    a=$(replicafs status --state-dir /r/state --json 2>/dev/null | tr -d ' \n' |
+      sed -n 's/.*"applied":\([0-9]*\).*/\1/p')
+    say "RAPPLIED ${a:-0}"
+    sleep 1
+  done &
   i=0
   s0=0; s1=0; s2=0; s3=0
   while :; do
