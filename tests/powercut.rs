@@ -101,14 +101,23 @@ struct Promise {
 
 fn parse_log(log: &str, kind: &str) -> Vec<Promise> {
     let prefix = format!("PC {kind} ");
-    log.lines()
+    // Whole lines only: a power cut can fall in the middle of one.
+    log.split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
         .filter_map(|l| l.find(&prefix).map(|i| &l[i + prefix.len()..]))
         .filter_map(|rest| {
             let mut it = rest.split_whitespace();
             let file = it.next()?.to_string();
             let slot = it.next()?.parse().ok()?;
             let tag = it.next()?.to_string();
-            Some(Promise { file, slot, tag })
+            // The guest's own tag shape (s<seed>w<n> or s<seed>c<n>), nothing
+            // mixed in from another console writer.
+            let shape = tag.len() > 1
+                && tag.starts_with('s')
+                && tag[1..]
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || c == 'w' || c == 'c');
+            (shape && it.next().is_none()).then_some(Promise { file, slot, tag })
         })
         .collect()
 }

@@ -131,7 +131,7 @@ check)
   ok=0
   n=0
   while [ $ok -lt 2 ]; do
-    n=$((n + 1)); [ $n -lt 1200 ] || die "no convergence: $(replicafs status --state-dir /p/state 2>&1)"
+    n=$((n + 1)); [ $n -lt 400 ] || die "no convergence: $(replicafs status --state-dir /p/state 2>&1)"
     sleep 1
     st=$(replicafs status --state-dir /p/state --json 2>/dev/null | tr -d ' \n')
     last=$(echo "$st" | sed -n 's/.*"last_seq":\([0-9]*\).*/\1/p')
