@@ -10,7 +10,10 @@ need=()
 # other tests use) by its own version, or remove it: install both together.
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86 qemu-utils)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
-busybox --list 2>/dev/null | grep -qx insmod || need+=(busybox-static)
+# The initramfs needs a static busybox (no libraries of its own).
+if ! command -v busybox >/dev/null || ldd "$(command -v busybox)" >/dev/null 2>&1; then
+  need+=(busybox-static)
+fi
 command -v mkfs.ext4 >/dev/null && command -v debugfs >/dev/null || need+=(e2fsprogs)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
