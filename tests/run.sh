@@ -16,6 +16,8 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 [ -e /dev/fuse ] || { echo "/dev/fuse is missing: modprobe fuse" >&2; exit 1; }
+# QEMU, busybox and a guest kernel for the power-cut harness (tests/powercut.rs).
+bash tests/powercut/setup.sh
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
