@@ -285,6 +285,7 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
                         batch_bytes: r.batch_bytes,
                         batch_records: r.batch_records,
                         window_bytes: r.window_bytes,
+                        ..SenderConfig::default()
                     },
                     snapshot_first: unclean,
                 },

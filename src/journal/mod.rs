@@ -212,6 +212,9 @@ pub(crate) struct Faults {
 struct Shared {
     state: Mutex<SyncState>,
     cond: Condvar,
+    /// Bumped whenever `written` or `settled` moves (or the writer stops):
+    /// wakes the replication sender instead of a polling tick.
+    moved: tokio::sync::watch::Sender<()>,
     payload_bytes: AtomicU64,
     frame_bytes: AtomicU64,
     #[cfg(test)]
@@ -413,6 +416,7 @@ impl Journal {
                 closed: false,
             }),
             cond: Condvar::new(),
+            moved: tokio::sync::watch::channel(()).0,
             payload_bytes: AtomicU64::new(0),
             frame_bytes: AtomicU64::new(0),
             #[cfg(test)]
@@ -514,6 +518,12 @@ impl Journal {
             Some(&(first, _)) => st.settled.min(first - 1),
             None => st.settled,
         }
+    }
+
+    /// Changes whenever records are written or settled: what a sender
+    /// waits on instead of polling [`Journal::settled_seq`].
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<()> {
+        self.shared.moved.subscribe()
     }
 
     /// Every seq up to this one went through a sync: it is durable, or its
@@ -1136,6 +1146,7 @@ impl Drop for StopGuard {
         let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
         st.closed = true;
         self.0.cond.notify_all();
+        self.0.moved.send_replace(());
     }
 }
 
@@ -1257,6 +1268,7 @@ impl Writer {
             let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
             st.written = self.next_write - 1;
             self.shared.cond.notify_all();
+            self.shared.moved.send_replace(());
         }
         if self.sync_target > self.shared.state.lock().map(|s| s.settled).unwrap_or(0) {
             self.sync()?;
@@ -1357,6 +1369,7 @@ impl Writer {
         }
         st.settled = through;
         self.shared.cond.notify_all();
+        self.shared.moved.send_replace(());
         result
     }
 

@@ -19,11 +19,13 @@
 use super::message::Message;
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"RFP1");
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 20;
 /// Largest body, compressed or not.
 pub const MAX_BODY: u32 = 64 << 20;
 pub const FLAG_ZSTD: u16 = 1;
+/// `Message::Batch`'s kind byte.
+const BATCH_KIND: u8 = 3;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -132,7 +134,10 @@ pub fn parse_header(b: &[u8; HEADER_LEN]) -> Result<Header, FrameError> {
     if magic != MAGIC {
         return Err(FrameError::BadMagic(magic));
     }
-    if b[4] != PROTOCOL_VERSION {
+    // A batch's body is the same in version 1: receive logs written by
+    // version 1 stay readable. Every other kind (a version 1 peer's hello
+    // first of all) is refused.
+    if b[4] != PROTOCOL_VERSION && !(b[4] == 1 && b[5] == BATCH_KIND) {
         return Err(FrameError::Version(b[4]));
     }
     let flags = u16::from_le_bytes([b[6], b[7]]);

@@ -4,8 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::journal::record::{self, Record};
 
-/// One message. Primary → replica: `Hello`, `Batch`. Replica → primary:
-/// `Welcome`, `Ack`. Either way: `Goodbye` (with the reason the sender closes).
+/// One message. Primary → replica: `Hello`, `Batch`, snapshot messages.
+/// Replica → primary: `Welcome`, `Ack`, `Keepalive`. Either way: `Goodbye` (with the reason the sender closes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// First message of a connection, from the primary.
@@ -39,7 +39,7 @@ pub enum Message {
         received: u64,
         applied: u64,
         /// Why applying is stuck (disk full …), if it is.
-        error: Option<String>,
+        error: Option<ApplyError>,
     },
     Goodbye {
         reason: String,
@@ -77,6 +77,58 @@ pub enum Message {
         at: u64,
         lenient_through: u64,
     },
+    /// Replica → primary while it works on a snapshot and has no progress
+    /// to acknowledge: it is alive and applying, so the primary's ack timeout
+    /// starts over.
+    Keepalive,
+}
+
+/// Why the replica cannot apply, as a code the primary decides on (the
+/// message is for people).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApplyErrorKind {
+    /// The mirror does not hold what a record expects (a name missing or in
+    /// the way): it diverged from the primary; a snapshot repairs it.
+    Divergence,
+    /// The mirror's file system is full: waited out.
+    DiskFull,
+    /// Another I/O error: waited out.
+    Io,
+    /// Anything else (a missing receive log record …): waited out.
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyError {
+    pub kind: ApplyErrorKind,
+    pub message: String,
+}
+
+impl ApplyError {
+    pub fn new(kind: ApplyErrorKind, message: impl Into<String>) -> ApplyError {
+        ApplyError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The kind an OS error stands for when applying a record.
+    pub fn kind_of(e: &std::io::Error) -> ApplyErrorKind {
+        match e.raw_os_error() {
+            Some(libc::ENOENT | libc::EEXIST | libc::ENOTDIR | libc::EISDIR | libc::ENOTEMPTY) => {
+                ApplyErrorKind::Divergence
+            }
+            Some(libc::ENOSPC | libc::EDQUOT) => ApplyErrorKind::DiskFull,
+            Some(_) => ApplyErrorKind::Io,
+            None => ApplyErrorKind::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +152,7 @@ impl Message {
             Message::SnapshotEntry { .. } => 7,
             Message::SnapshotData { .. } => 8,
             Message::SnapshotEnd { .. } => 9,
+            Message::Keepalive => 10,
         }
     }
 
@@ -114,6 +167,7 @@ impl Message {
             Message::SnapshotEntry { .. } => "snapshot-entry",
             Message::SnapshotData { .. } => "snapshot-data",
             Message::SnapshotEnd { .. } => "snapshot-end",
+            Message::Keepalive => "keepalive",
         }
     }
 }

@@ -12,10 +12,14 @@ pub mod frame;
 pub mod message;
 pub mod state;
 
+#[cfg(test)]
+mod sim;
+
 pub use frame::{Decoder, FrameError, PROTOCOL_VERSION};
-pub use message::Message;
+pub use message::{ApplyError, ApplyErrorKind, Message};
 pub use state::{
-    ProtocolError, Receiver, ReceiverEvent, Sender, SenderConfig, SenderEvent, coalesce,
+    CloseCode, Gap, GapDecision, KEEPALIVE_INTERVAL, ProtocolError, Receiver, ReceiverEvent,
+    Sender, SenderAction, SenderConfig, SenderEvent, SnapshotReason, coalesce,
 };
 
 #[cfg(test)]
@@ -68,7 +72,10 @@ mod tests {
             Message::Ack {
                 received: 3,
                 applied: 2,
-                error: Some("No space left on device".into()),
+                error: Some(ApplyError::new(
+                    ApplyErrorKind::DiskFull,
+                    "No space left on device",
+                )),
             },
             Message::Goodbye {
                 reason: "bye".into(),

@@ -33,6 +33,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::protocol::{ApplyError, ApplyErrorKind};
 use tracing::{error, info, warn};
 
 /// Makes the mirror's contents durable. The replica persists or acknowledges
@@ -125,7 +126,7 @@ pub struct Progress {
     pub received: u64,
     /// Durably applied (mirror synced, then persisted): what the primary may trim.
     pub applied: u64,
-    pub error: Option<String>,
+    pub error: Option<ApplyError>,
 }
 
 struct Inner {
@@ -146,9 +147,9 @@ struct Inner {
     /// Persist passes run (for tests that wait for one).
     persist_passes: AtomicU64,
     sync: Arc<dyn MirrorSync>,
-    error: Mutex<Option<String>>,
+    error: Mutex<Option<ApplyError>>,
     /// The last persist pass could not sync the mirror.
-    sync_error: Mutex<Option<String>>,
+    sync_error: Mutex<Option<ApplyError>>,
     wake: (Mutex<()>, Condvar),
     progress: tokio::sync::watch::Sender<Progress>,
     stop: AtomicBool,
@@ -311,7 +312,7 @@ impl Replica {
     }
 
     pub fn error(&self) -> Option<String> {
-        current_error(&self.inner)
+        current_error(&self.inner).map(|e| e.message)
     }
 
     pub fn payload_applied(&self) -> u64 {
@@ -441,7 +442,7 @@ impl Drop for Replica {
 }
 
 /// The apply error, else the mirror sync error.
-fn current_error(inner: &Inner) -> Option<String> {
+fn current_error(inner: &Inner) -> Option<ApplyError> {
     let e = inner
         .error
         .lock()
@@ -472,7 +473,12 @@ fn publish(inner: &Inner) {
     });
 }
 
+/// An error that is no record's fault (the receive log …).
 fn set_error(inner: &Inner, e: Option<String>) {
+    set_apply_error(inner, e.map(|m| ApplyError::new(ApplyErrorKind::Other, m)));
+}
+
+fn set_apply_error(inner: &Inner, e: Option<ApplyError>) {
     let mut g = inner.error.lock().unwrap_or_else(|e| e.into_inner());
     if *g != e {
         if let Some(m) = &e {
@@ -615,13 +621,17 @@ fn apply_next(
         };
         if let Err(e) = res {
             *failures += 1;
-            set_error(
+            // Typed from the OS error: the primary decides on the kind.
+            set_apply_error(
                 inner,
-                Some(format!(
-                    "applying record {} ({} {:?}): {e}",
-                    r.seq,
-                    r.op.name(),
-                    String::from_utf8_lossy(r.op.path())
+                Some(ApplyError::new(
+                    ApplyError::kind_of(&e),
+                    format!(
+                        "applying record {} ({} {:?}): {e}",
+                        r.seq,
+                        r.op.name(),
+                        String::from_utf8_lossy(r.op.path())
+                    ),
                 )),
             );
             publish(inner);
@@ -652,10 +662,13 @@ fn persist(inner: &Inner) {
     let synced = inner.sync.sync(&inner.mirror);
     {
         let mut g = inner.sync_error.lock().unwrap_or_else(|e| e.into_inner());
-        let now = synced
-            .as_ref()
-            .err()
-            .map(|e| format!("cannot sync the mirror: {e}"));
+        let now = synced.as_ref().err().map(|e| {
+            let kind = match ApplyError::kind_of(e) {
+                ApplyErrorKind::DiskFull => ApplyErrorKind::DiskFull,
+                _ => ApplyErrorKind::Io,
+            };
+            ApplyError::new(kind, format!("cannot sync the mirror: {e}"))
+        });
         if *g != now {
             match &now {
                 Some(m) => error!(error = %m, "the applied seq stays where it is; retrying"),
@@ -910,7 +923,8 @@ mod tests {
         assert_eq!(r.progress().borrow().applied, 0);
         assert_eq!(rig.persisted(), 0);
         // And says why, to the primary too.
-        let shown = r.progress().borrow().error.clone().unwrap_or_default();
+        let shown = r.progress().borrow().error.clone().map(|e| e.message);
+        let shown = shown.unwrap_or_default();
         assert!(shown.contains("cannot sync the mirror"), "{shown:?}");
         // A namespace record cannot go ahead without a sync of what precedes it.
         rig.store(&r, 5, 6);

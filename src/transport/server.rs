@@ -218,11 +218,11 @@ async fn session(
                         if let Message::SnapshotBegin { at } = m {
                             info!(at, "receiving a full snapshot");
                             let rep = replica.clone();
-                            let sa = tokio::task::spawn_blocking(move || {
+                            let sa = keeping_alive(send, &mut rx, tokio::task::spawn_blocking(move || {
                                 rep.begin_snapshot()?;
                                 rep.snapshot_applier().map_err(|e| format!("snapshot: {e}"))
-                            })
-                            .await
+                            }))
+                            .await?
                             .map_err(|e| e.to_string())??;
                             snap = Some(Arc::new(std::sync::Mutex::new(sa)));
                             // The reset is durable: tell the primary, whose
@@ -237,7 +237,7 @@ async fn session(
                             Message::SnapshotData { data, .. } => data.len() as u64,
                             _ => 0,
                         };
-                        tokio::task::spawn_blocking(move || {
+                        keeping_alive(send, &mut rx, tokio::task::spawn_blocking(move || {
                             let mut sa = sa.lock().unwrap_or_else(|e| e.into_inner());
                             match m {
                                 Message::SnapshotEntry { path, kind, mode, uid, gid, size, target, xattrs } => {
@@ -246,8 +246,8 @@ async fn session(
                                 Message::SnapshotData { path, offset, data } => sa.data(&path, offset, data),
                                 _ => Ok(()),
                             }
-                        })
-                        .await
+                        }))
+                        .await?
                         .map_err(|e| e.to_string())?
                         .map_err(|e| format!("applying the snapshot: {e}"))?;
                         server.info().payload_bytes += wire_payload;
@@ -255,20 +255,20 @@ async fn session(
                     ReceiverEvent::SnapshotEnd { at, lenient_through } => {
                         let sa = snap.take().ok_or("snapshot end outside a snapshot")?;
                         let rep = replica.clone();
-                        let (entries, bytes, removed) = tokio::task::spawn_blocking(move || {
+                        let (entries, bytes, removed) = keeping_alive(send, &mut rx, tokio::task::spawn_blocking(move || {
                             let sa = sa.lock().unwrap_or_else(|e| e.into_inner());
                             let removed = sa.finish().map_err(|e| format!("finishing the snapshot: {e}"))?;
                             rep.finish_snapshot(at, lenient_through)?;
                             Ok::<_, String>((sa.entries, sa.bytes, removed))
-                        })
-                        .await
+                        }))
+                        .await?
                         .map_err(|e| e.to_string())??;
                         info!(at, lenient_through, entries, bytes, removed, "snapshot applied");
                         {
                             let mut i = server.info();
                             i.primary_last = i.primary_last.max(lenient_through);
                         }
-                        let ack = rx.progress(at, at, None);
+                        let ack = rx.snapshot_applied(at);
                         write_message(send, &ack).await?;
                     }
                     ReceiverEvent::Store { first, last, records, frames, primary_last } => {
@@ -304,5 +304,34 @@ async fn session(
                 return Err("superseded by a newer connection".into());
             }
         }
+    }
+}
+
+/// Runs `work` (a step of applying a snapshot, which acknowledges nothing),
+/// sending the keepalives that fall due meanwhile, so that the primary does
+/// not take a slow snapshot for a dead peer.
+async fn keeping_alive<T>(
+    send: &mut quinn::SendStream,
+    rx: &mut Receiver,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, String> {
+    tokio::pin!(work);
+    loop {
+        if let Some(k) = rx.keepalive_due(Instant::now()) {
+            write_message(send, &k).await?;
+        }
+        let due = rx.keepalive_deadline();
+        tokio::select! {
+            r = &mut work => return Ok(r),
+            _ = sleep_until(due) => {}
+        }
+    }
+}
+
+/// Sleeps until `at`; forever when None.
+pub(crate) async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }

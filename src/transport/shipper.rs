@@ -18,33 +18,18 @@ use tracing::{info, warn};
 
 use super::catchup::CatchUp;
 use super::io::{close_with, read_message, write_bytes, write_message};
+use super::server::sleep_until;
 use super::status::{PeerStatus, Status};
 use super::tls::{self, Fingerprint, Identity};
 use crate::journal::Journal;
 use crate::journal::record::Record;
 use crate::protocol::frame;
 use crate::protocol::message::EntryKind;
-use crate::protocol::{Decoder, Message, Sender, SenderConfig, SenderEvent};
-
-/// How long a replica may fail on a diverged mirror before it gets a snapshot.
-pub const DIVERGENCE_GRACE: Duration = Duration::from_secs(3);
-
-/// Apply errors that mean the mirror is not the state the record expects.
-fn is_divergence(e: &str) -> bool {
-    e.contains("applying record")
-        && [
-            "(os error 2)",
-            "(os error 17)",
-            "(os error 20)",
-            "(os error 21)",
-            "(os error 39)",
-        ]
-        .iter()
-        .any(|c| e.contains(c))
-}
-
-/// How long records may stay unacknowledged before the connection is given up.
-pub const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::protocol::state::SenderState;
+use crate::protocol::{
+    CloseCode, Decoder, Gap, GapDecision, Message, Sender, SenderAction, SenderConfig, SenderEvent,
+    SnapshotReason,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
@@ -640,8 +625,13 @@ async fn stream(
     opts: &ShipperOptions,
 ) -> Result<(), String> {
     let journal = sh.journal.clone();
-    let mut sender = Sender::new(vid, opts.sender.clone());
-    write_message(send, &sender.hello(journal.last_seq())).await?;
+    let mut config = opts.sender.clone();
+    config.can_snapshot = sh.catch_up.is_some();
+    let mut sender = Sender::new(vid, config);
+    if sh.obligations.owes(&sh.peers[i].0.fingerprint) {
+        sender.owe_snapshot();
+    }
+    write_message(send, &sender.hello_at(journal.last_seq(), Instant::now())).await?;
 
     // Incoming messages are read by their own task, so acks flow while we write.
     let (tx, mut rx) = mpsc::channel::<Result<Message, String>>(64);
@@ -666,184 +656,166 @@ async fn stream(
     });
     let _abort = AbortOnDrop(reader);
 
-    let welcome = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .map_err(|_| "no welcome within 10 s".to_string())?
-        .ok_or("replica went away")??;
-    let SenderEvent::Resume { from } = sender.handle(welcome).map_err(|e| e.to_string())? else {
-        return Err("handshake did not resume".into());
-    };
-    if sender.received() > journal.last_seq() {
-        // Its seqs above the journal's end will name other content here: it
-        // is owed a snapshot (sent once the journal is past what it holds),
-        // never a resume that would skip them.
-        let owed = sh.obligations.owe(&[sh.peers[i].0.fingerprint]);
-        return Err(format!(
-            "the replica has received through seq {} but this primary's journal ends at {}: the primary lost its journal tail; the replica needs a full resync{}",
-            sender.received(),
-            journal.last_seq(),
-            match owed {
-                Ok(()) => String::new(),
-                Err(e) => format!(" ({e})"),
-            }
-        ));
-    }
-    {
-        let mut s = sh.peer(i);
-        s.connected = true;
-        s.error = None;
-        s.state = "replicating";
-        s.sent = from - 1;
-        s.received = sender.received();
-        s.applied = Some(sender.applied());
-    }
-    info!(peer = %sh.peers[i].0.address, from, applied = sender.applied(), remote = %conn.remote_address(), "replicating");
-
     let mut throttle = Throttle {
         rate: opts.bandwidth_limit,
         tokens: 0.0,
         at: Instant::now(),
     };
-    let owed = sh.obligations.owes(&sh.peers[i].0.fingerprint);
-    if sender.needs_snapshot() || (owed && sh.catch_up.is_some()) {
-        if owed {
-            info!(peer = %sh.peers[i].0.address, "owed a snapshot (the journal did not close cleanly, or lost records the peer holds): this peer gets a full snapshot");
-        }
-        let Some(cu) = sh.catch_up.clone() else {
-            return Err("the replica is fresh and needs a snapshot, but this sender has no backing dir to read".into());
-        };
-        sh.peer(i).state = "catching up";
-        let at = send_snapshot(sh, i, send, &cu, opts.compression_level, &mut throttle).await?;
-        sender.snapshot_sent(at);
-        sh.peer(i).sent = at;
-    }
-    let mut last_progress = Instant::now();
-    let mut last_received = sender.received();
-    let mut inconsistent_since: Option<Instant> = None;
+    // Woken by the journal when records are written or settled.
+    let mut moved = journal.watch();
     let mut sync_requested = 0u64;
-    let mut idle = tokio::time::interval(Duration::from_millis(2));
-    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut streaming = false;
     loop {
         if sh.stop.load(Ordering::Acquire) {
             return Ok(());
         }
         // Take every message that is waiting.
         while let Ok(m) = rx.try_recv() {
-            on_message(sh, i, &mut sender, m?)?;
+            on_message(sh, i, &mut sender, m?, Instant::now())?;
         }
-        // A replica that keeps failing on a record because its mirror does not
-        // hold what the record expects (a name missing or in the way) has
-        // diverged (a namespace change the primary lost in a crash): it gets a
-        // new snapshot. Other errors (disk full …) are waited out.
-        if sender.remote_error().is_some_and(is_divergence) {
-            let since = *inconsistent_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > DIVERGENCE_GRACE
-                && let Some(cu) = sh.catch_up.clone()
-            {
-                warn!(peer = %sh.peers[i].0.address, error = ?sender.remote_error(),
-                    "the replica's mirror has diverged: sending a full snapshot");
+        if !streaming && sender.state() == SenderState::Streaming {
+            streaming = true;
+            let from = sender.sent_through() + 1;
+            let mut s = sh.peer(i);
+            s.connected = true;
+            s.error = None;
+            s.state = "replicating";
+            s.sent = from - 1;
+            s.received = sender.received();
+            s.applied = Some(sender.applied());
+            drop(s);
+            info!(peer = %sh.peers[i].0.address, from, applied = sender.applied(), remote = %conn.remote_address(), "replicating");
+        }
+        moved.borrow_and_update();
+        let mut wait_for_journal = false;
+        match sender.poll(Instant::now()) {
+            Some(SenderAction::Close { code, reason }) => {
+                if code == CloseCode::ReplicaAhead {
+                    let owed = sh.obligations.owe(&[sh.peers[i].0.fingerprint]);
+                    if let Err(e) = owed {
+                        return Err(format!("{reason} ({e})"));
+                    }
+                }
+                return Err(reason);
+            }
+            Some(SenderAction::SendSnapshot(reason)) => {
+                let Some(cu) = sh.catch_up.clone() else {
+                    return Err("a snapshot is due but there is no backing dir to read".into());
+                };
+                match reason {
+                    SnapshotReason::Owed => {
+                        info!(peer = %sh.peers[i].0.address, "owed a snapshot (the journal did not close cleanly, or lost records the peer holds): this peer gets a full snapshot")
+                    }
+                    SnapshotReason::Diverged => {
+                        warn!(peer = %sh.peers[i].0.address, error = ?sender.remote_error(), "the replica's mirror has diverged: sending a full snapshot")
+                    }
+                    SnapshotReason::JournalGap => {
+                        warn!(peer = %sh.peers[i].0.address, "the journal cannot bring this peer forward: sending a full snapshot")
+                    }
+                    SnapshotReason::Fresh => {}
+                }
                 sh.peer(i).state = "catching up";
                 let at =
                     send_snapshot(sh, i, send, &cu, opts.compression_level, &mut throttle).await?;
-                sender.snapshot_sent(at);
+                sender.snapshot_sent_at(at, Instant::now());
                 sh.peer(i).sent = at;
-                last_progress = Instant::now();
-                inconsistent_since = None;
                 continue;
             }
-        } else {
-            inconsistent_since = None;
-        }
-        if sender.received() != last_received || sender.sent_through() == sender.received() {
-            last_received = sender.received();
-            last_progress = Instant::now();
-        } else if last_progress.elapsed() > ACK_TIMEOUT {
-            return Err(format!(
-                "peer acknowledged nothing for {} s with records {}..={} outstanding",
-                ACK_TIMEOUT.as_secs(),
-                sender.received() + 1,
-                sender.sent_through()
-            ));
-        }
-        let want = sender.wants();
-        let ready = want.is_some_and(|from| journal.settled_seq() >= from);
-        if !ready {
-            // Records written but not durable yet: a group commit, asked for
-            // only while there is nothing durable to send.
-            if let Some(from) = want {
+            Some(SenderAction::SendBatch { from }) if journal.settled_seq() >= from => {
+                send_batch(sh, i, send, &mut sender, from, opts, &mut throttle).await?;
+                continue;
+            }
+            Some(SenderAction::SendBatch { from }) => {
+                // Records written but not durable yet: a group commit, asked
+                // for only while there is nothing durable to send.
                 let last = journal.last_seq();
                 if last >= from && last > sync_requested && journal.request_sync(last) {
                     sync_requested = last;
                 }
+                wait_for_journal = true;
             }
-            tokio::select! {
-                m = rx.recv() => {
-                    let m = m.ok_or("replica went away")?;
-                    on_message(sh, i, &mut sender, m?)?;
-                }
-                _ = idle.tick() => {}
-            }
-            continue;
+            None => {}
         }
-        let from = want.unwrap_or(1);
-        let j = journal.clone();
-        let (max_r, max_b) = (opts.sender.batch_records, opts.sender.batch_bytes);
-        let read = tokio::task::spawn_blocking(move || read_batch(&j, from, max_r, max_b))
-            .await
-            .map_err(|e| e.to_string())??;
-        let (records, through) = match read {
-            Read::Records(_, t) if t < from => continue,
-            Read::Records(r, t) => (r, t),
-            Read::Gap(from, to) => {
-                let stats = journal.stats();
-                let Some(cu) = sh.catch_up.clone() else {
-                    return Err(format!(
-                        "the journal no longer holds records {from}..={to} and there is no catch-up source"
-                    ));
-                };
-                let trimmed = to > stats.dropped_through && to <= stats.trimmed_through;
-                let cu2 = cu.clone();
-                let lost = sh.namespace_loss.load(Ordering::Acquire)
-                    || tokio::task::spawn_blocking(move || cu2.namespace_lost())
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| format!("cannot read the dirty list: {e}"))?;
-                if trimmed || lost {
-                    warn!(peer = %sh.peers[i].0.address, from, to, trimmed, lost_namespace_changes = lost,
-                        "the journal cannot bring this peer forward: sending a full snapshot");
-                    sh.peer(i).state = "catching up";
-                    let at = send_snapshot(sh, i, send, &cu, opts.compression_level, &mut throttle)
-                        .await?;
-                    sender.snapshot_sent(at);
-                    sh.peer(i).sent = at;
-                    last_progress = Instant::now();
-                    continue;
-                }
-                // Dropped (cap) or lost records: their regions were marked
-                // dirty before they left the index, and catch-up passes journal
-                // those regions again, necessarily after the gap. So the gap can
-                // be skipped now; the mirror is consistent again once the dirty
-                // list is worked off.
-                info!(peer = %sh.peers[i].0.address, from, to, "skipping records the journal dropped; catch-up records follow");
-                (Vec::new(), to)
+        let deadline = sender.next_deadline();
+        tokio::select! {
+            m = rx.recv() => {
+                let m = m.ok_or("replica went away")?;
+                on_message(sh, i, &mut sender, m?, Instant::now())?;
             }
-        };
-        let payload: u64 = records.iter().map(|r| r.data.len() as u64).sum();
-        let msg = sender.batch(records, through, journal.last_seq());
-        let level = opts.compression_level;
-        let enc = tokio::task::spawn_blocking(move || frame::encode(&msg, level))
-            .await
-            .map_err(|e| e.to_string())?;
-        throttle.take(enc.bytes.len()).await;
-        // Keep acks flowing while a large write waits for the window.
-        write_bytes(send, &enc.bytes).await?;
-        sender.sent(through, enc.bytes.len() as u64);
-        let mut s = sh.peer(i);
-        s.sent = through;
-        s.wire_bytes += enc.bytes.len() as u64;
-        s.payload_bytes += payload;
-        s.unapplied.push_back((through, payload));
+            r = moved.changed(), if wait_for_journal => {
+                if r.is_err() {
+                    return Err("the journal stopped".into());
+                }
+            }
+            _ = sleep_until(deadline) => {}
+        }
     }
+}
+
+/// Reads and sends one batch from `from` (some of it durable), or handles the
+/// gap the journal has there.
+async fn send_batch(
+    sh: &Arc<Shared>,
+    i: usize,
+    send: &mut quinn::SendStream,
+    sender: &mut Sender,
+    from: u64,
+    opts: &ShipperOptions,
+    throttle: &mut Throttle,
+) -> Result<(), String> {
+    let journal = sh.journal.clone();
+    let j = journal.clone();
+    let (max_r, max_b) = (opts.sender.batch_records, opts.sender.batch_bytes);
+    let read = tokio::task::spawn_blocking(move || read_batch(&j, from, max_r, max_b))
+        .await
+        .map_err(|e| e.to_string())??;
+    let (records, through) = match read {
+        Read::Records(_, t) if t < from => return Ok(()),
+        Read::Records(r, t) => (r, t),
+        Read::Gap(from, to) => {
+            let stats = journal.stats();
+            let trimmed = to > stats.dropped_through && to <= stats.trimmed_through;
+            let namespace_lost = match sh.catch_up.clone() {
+                Some(_) if sh.namespace_loss.load(Ordering::Acquire) => true,
+                Some(cu) => tokio::task::spawn_blocking(move || cu.namespace_lost())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("cannot read the dirty list: {e}"))?,
+                None => false,
+            };
+            match sender.gap(Gap {
+                from,
+                to,
+                trimmed,
+                namespace_lost,
+            }) {
+                GapDecision::Close { reason, .. } => return Err(reason),
+                GapDecision::Snapshot => {
+                    warn!(peer = %sh.peers[i].0.address, from, to, trimmed, lost_namespace_changes = namespace_lost, "records the journal does not hold");
+                    return Ok(());
+                }
+                GapDecision::Skip { to } => {
+                    info!(peer = %sh.peers[i].0.address, from, to, "skipping records the journal dropped; catch-up records follow");
+                    (Vec::new(), to)
+                }
+            }
+        }
+    };
+    let payload: u64 = records.iter().map(|r| r.data.len() as u64).sum();
+    let msg = sender.batch(records, through, journal.last_seq());
+    let level = opts.compression_level;
+    let enc = tokio::task::spawn_blocking(move || frame::encode(&msg, level))
+        .await
+        .map_err(|e| e.to_string())?;
+    throttle.take(enc.bytes.len()).await;
+    write_bytes(send, &enc.bytes).await?;
+    sender.sent_at(through, enc.bytes.len() as u64, Instant::now());
+    let mut s = sh.peer(i);
+    s.sent = through;
+    s.wire_bytes += enc.bytes.len() as u64;
+    s.payload_bytes += payload;
+    s.unapplied.push_back((through, payload));
+    Ok(())
 }
 
 /// (path, kind, metadata, symlink target)
@@ -1040,12 +1012,23 @@ async fn send_snapshot(
     // hand out again.
     // One queued request is enough: the writer keeps its sync target.
     let mut requested = false;
-    while sh.journal.settled_seq() < at {
+    let mut moved = sh.journal.watch();
+    loop {
+        moved.borrow_and_update();
+        if sh.journal.settled_seq() >= at {
+            break;
+        }
         if sh.stop.load(Ordering::Acquire) {
             return Err("stopping".into());
         }
         requested = requested || sh.journal.request_sync(at);
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // Woken when the journal settles more; a request that could not
+        // be queued is tried again a little later.
+        let retry = (!requested).then(|| Instant::now() + Duration::from_millis(10));
+        tokio::select! {
+            r = moved.changed() => r.map_err(|_| "the journal stopped".to_string())?,
+            _ = sleep_until(retry) => {}
+        }
     }
     let lenient_through = sh.journal.last_seq().max(at);
     write_message(
@@ -1068,8 +1051,16 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn on_message(sh: &Shared, i: usize, sender: &mut Sender, m: Message) -> Result<(), String> {
-    if let SenderEvent::SnapshotApplied { at } = sender.handle(m).map_err(|e| e.to_string())? {
+fn on_message(
+    sh: &Shared,
+    i: usize,
+    sender: &mut Sender,
+    m: Message,
+    now: Instant,
+) -> Result<(), String> {
+    if let SenderEvent::SnapshotApplied { at } =
+        sender.handle_at(m, now).map_err(|e| e.to_string())?
+    {
         let peer = &sh.peers[i].0;
         if sh.obligations.owes(&peer.fingerprint) {
             // A failure leaves the debt in place: one more snapshot later.
