@@ -49,10 +49,10 @@ pub enum FrameError {
     Truncated(usize),
 }
 
-fn header(kind: u8, flags: u16, len: u32, raw_len: u32, crc: u32) -> [u8; HEADER_LEN] {
+fn header(version: u8, kind: u8, flags: u16, len: u32, raw_len: u32, crc: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-    h[4] = PROTOCOL_VERSION;
+    h[4] = version;
     h[5] = kind;
     h[6..8].copy_from_slice(&flags.to_le_bytes());
     h[8..12].copy_from_slice(&len.to_le_bytes());
@@ -92,10 +92,24 @@ pub fn encode(msg: &Message, zstd_level: i32) -> Encoded {
         body = &compressed;
         flags |= FLAG_ZSTD;
     }
-    let h0 = header(kind, flags, body.len() as u32, raw.len() as u32, 0);
+    let h0 = header(
+        PROTOCOL_VERSION,
+        kind,
+        flags,
+        body.len() as u32,
+        raw.len() as u32,
+        0,
+    );
     let c = crc(&h0, body);
     let mut bytes = Vec::with_capacity(HEADER_LEN + body.len());
-    bytes.extend_from_slice(&header(kind, flags, body.len() as u32, raw.len() as u32, c));
+    bytes.extend_from_slice(&header(
+        PROTOCOL_VERSION,
+        kind,
+        flags,
+        body.len() as u32,
+        raw.len() as u32,
+        c,
+    ));
     bytes.extend_from_slice(body);
     Encoded {
         bytes,
@@ -121,6 +135,7 @@ fn looks_compressible(raw: &[u8], level: i32) -> bool {
 /// The fixed part of a frame, validated.
 #[derive(Debug, Clone, Copy)]
 pub struct Header {
+    pub version: u8,
     pub kind: u8,
     pub flags: u16,
     pub len: u32,
@@ -150,6 +165,7 @@ pub fn parse_header(b: &[u8; HEADER_LEN]) -> Result<Header, FrameError> {
         return Err(FrameError::Oversized(len, raw_len));
     }
     Ok(Header {
+        version: b[4],
         kind: b[5],
         flags,
         len,
@@ -160,7 +176,7 @@ pub fn parse_header(b: &[u8; HEADER_LEN]) -> Result<Header, FrameError> {
 
 /// Checks and decodes the body of a frame whose header is `h`.
 pub fn decode_body(h: &Header, body: &[u8]) -> Result<Message, FrameError> {
-    let h0 = header(h.kind, h.flags, h.len, h.raw_len, 0);
+    let h0 = header(h.version, h.kind, h.flags, h.len, h.raw_len, 0);
     if crc(&h0, body) != h.crc {
         return Err(FrameError::Checksum);
     }

@@ -162,6 +162,88 @@ mod tests {
         }
     }
 
+    /// Re-stamps a frame's crc after a test edited it.
+    fn recrc(f: &mut [u8]) {
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(&f[..HEADER_LEN]);
+        h[16..20].fill(0);
+        let mut c = crc32fast::Hasher::new();
+        c.update(&h);
+        c.update(&f[HEADER_LEN..]);
+        let c = c.finalize();
+        f[16..20].copy_from_slice(&c.to_le_bytes());
+    }
+
+    /// An apply error code this build does not know is refused as a bad
+    /// frame (no panic, no guess); the known ones round-trip.
+    #[test]
+    fn unknown_apply_error_codes_are_refused() {
+        for kind in [
+            ApplyErrorKind::Divergence,
+            ApplyErrorKind::DiskFull,
+            ApplyErrorKind::Io,
+            ApplyErrorKind::Other,
+        ] {
+            let m = Message::Ack {
+                received: 1,
+                applied: 1,
+                error: Some(ApplyError::new(kind, "zz")),
+            };
+            assert_eq!(decode_all(&encode(&m, 0).bytes).unwrap(), vec![m]);
+        }
+        let m = Message::Ack {
+            received: 1,
+            applied: 1,
+            error: Some(ApplyError::new(ApplyErrorKind::Other, "zz")),
+        };
+        let mut f = encode(&m, 0).bytes;
+        let at = f
+            .windows(5)
+            .position(|w| w == [1, 3, 2, b'z', b'z'])
+            .expect("the encoded error");
+        f[at + 1] = 9;
+        recrc(&mut f);
+        assert!(matches!(decode_all(&f), Err(FrameError::Decode(_))));
+    }
+
+    /// The OS errors that mean a diverged mirror, and the others.
+    #[test]
+    fn apply_errors_are_typed_from_the_os_error() {
+        use std::io::Error;
+        for e in [
+            libc::ENOENT,
+            libc::EEXIST,
+            libc::ENOTDIR,
+            libc::EISDIR,
+            libc::ENOTEMPTY,
+        ] {
+            let k = ApplyError::kind_of(&Error::from_raw_os_error(e));
+            assert_eq!(k, ApplyErrorKind::Divergence, "errno {e}");
+        }
+        let k = ApplyError::kind_of(&Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(k, ApplyErrorKind::DiskFull);
+        let k = ApplyError::kind_of(&Error::from_raw_os_error(libc::EIO));
+        assert_eq!(k, ApplyErrorKind::Io);
+        assert_eq!(
+            ApplyError::kind_of(&Error::other("x")),
+            ApplyErrorKind::Other
+        );
+    }
+
+    /// A version 1 peer is refused at its hello; a version 1 batch (its
+    /// body is unchanged) still reads, for receive logs written before.
+    #[test]
+    fn version_1_reads_only_as_a_stored_batch() {
+        let mut hello = encode(&samples()[0], 0).bytes;
+        hello[4] = 1;
+        recrc(&mut hello);
+        assert!(matches!(decode_all(&hello), Err(FrameError::Version(1))));
+        let mut batch = encode(&samples()[2], 0).bytes;
+        batch[4] = 1;
+        recrc(&mut batch);
+        assert_eq!(decode_all(&batch).unwrap(), vec![samples()[2].clone()]);
+    }
+
     #[test]
     fn truncation_is_an_error_at_end_of_stream() {
         let e = encode(&samples()[2], 0);

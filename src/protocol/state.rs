@@ -487,7 +487,7 @@ impl Sender {
             return Some(SenderAction::Close {
                 code: CloseCode::AckTimeout,
                 reason: format!(
-                    "peer showed no progress for {} s with records {}..={} outstanding",
+                    "peer acknowledged nothing for {} s (no progress, no keepalive) with records {}..={} outstanding",
                     self.config.ack_timeout.as_secs(),
                     self.received + 1,
                     self.sent_through()
