@@ -668,3 +668,44 @@ fn a_huge_frame_length_closes_only_that_connection() {
     rig.wait_applied("after the huge frame", last, 0);
     assert!(rig.mirror.join("f").is_file());
 }
+
+/// A replica in the middle of a snapshot has nothing to acknowledge: it says
+/// it is alive with keepalives, so the primary's ack timeout does not cut the
+/// snapshot short; the snapshot then completes with its ack.
+#[test]
+fn a_replica_in_a_snapshot_sends_keepalives() {
+    let rig = Rig::new();
+    let mut peer = Peer::connect(&rig);
+    peer.write(&Message::SnapshotBegin { at: 0 });
+    match peer.read() {
+        Message::Ack {
+            received: 0,
+            applied: 0,
+            error: None,
+        } => {}
+        m => panic!("expected the reset ack, got {m:?}"),
+    }
+    // Nothing sent meanwhile: two keepalives come anyway (read has a deadline).
+    for _ in 0..2 {
+        match peer.read() {
+            Message::Keepalive => {}
+            m => panic!("expected a keepalive, got {m:?}\nlog:\n{}", rig.log()),
+        }
+    }
+    peer.write(&Message::SnapshotEnd {
+        at: 0,
+        lenient_through: 0,
+    });
+    loop {
+        match peer.read() {
+            Message::Keepalive => continue,
+            Message::Ack { error: None, .. } => break,
+            m => panic!(
+                "expected the snapshot's ack, got {m:?}\nlog:\n{}",
+                rig.log()
+            ),
+        }
+    }
+    drop(peer);
+    rig.wait("the connection to end", |p| p["connected"] == false);
+}

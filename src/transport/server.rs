@@ -230,6 +230,8 @@ async fn session(
                             // (a fresh replica always gets a snapshot).
                             let ack = rx.snapshot_reset();
                             write_message(send, &ack).await?;
+                            // Keepalives from now until the snapshot is applied.
+                            let _ = rx.keepalive_due(Instant::now());
                             continue;
                         }
                         let sa = snap.clone().ok_or("snapshot message outside a snapshot")?;
@@ -302,6 +304,13 @@ async fn session(
             }
             _ = gen_rx.changed() => {
                 return Err("superseded by a newer connection".into());
+            }
+            // Between snapshot messages too: the primary may be slow to send
+            // while it waits for what this replica has not read yet.
+            _ = sleep_until(rx.keepalive_deadline()) => {
+                if let Some(k) = rx.keepalive_due(Instant::now()) {
+                    write_message(send, &k).await?;
+                }
             }
         }
     }
