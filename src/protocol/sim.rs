@@ -558,3 +558,29 @@ fn a_replica_ahead_of_the_journal_is_owed_a_snapshot() {
     assert_eq!(w.snapshots.len(), 1);
     assert!(!w.owed);
 }
+
+/// What a replica ahead of the journal holds counts for nothing here: the
+/// journal must not be trimmed on its seqs.
+#[test]
+fn a_replica_ahead_claims_nothing() {
+    let now = Instant::now();
+    let mut s = Sender::new(VID, SenderConfig::default());
+    s.hello_at(20, now);
+    s.handle_at(
+        Message::Welcome {
+            volume_id: VID,
+            received: 30,
+            applied: 30,
+        },
+        now,
+    )
+    .unwrap();
+    assert_eq!((s.received(), s.applied(), s.trim_point()), (0, 0, 0));
+    assert!(matches!(
+        s.poll(now),
+        Some(SenderAction::Close {
+            code: CloseCode::ReplicaAhead,
+            ..
+        })
+    ));
+}

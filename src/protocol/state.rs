@@ -321,12 +321,11 @@ impl Sender {
                         sent: received,
                     });
                 }
-                self.received = received;
-                self.applied = applied;
-                self.next_seq = received + 1;
                 self.state = SenderState::Streaming;
                 self.heard();
                 if received > self.hello_last {
+                    // What it holds is not this journal's: nothing of it
+                    // counts (the journal must not be trimmed on it).
                     // Its seqs above the journal's end will name other
                     // content here: it is owed a snapshot (sent once the
                     // journal is past what it holds), never a resume that
@@ -338,7 +337,12 @@ impl Sender {
                             self.hello_last
                         ),
                     ));
-                } else if received == 0 && applied == 0 {
+                    return Ok(SenderEvent::Progress);
+                }
+                self.received = received;
+                self.applied = applied;
+                self.next_seq = received + 1;
+                if received == 0 && applied == 0 {
                     self.snapshot_due = Some(SnapshotReason::Fresh);
                 } else if self.owed && self.config.can_snapshot {
                     self.snapshot_due = Some(SnapshotReason::Owed);
