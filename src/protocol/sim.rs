@@ -65,6 +65,9 @@ struct World {
     // The link.
     to_replica: VecDeque<(Duration, Message)>,
     to_primary: VecDeque<(Duration, Message)>,
+    /// How long the replica takes to reset for a snapshot (its applier
+    /// finishing a retry first).
+    begin_delay: Duration,
     /// Swap the next two acks on their way (a misbehaving link).
     reorder_next_acks: bool,
     // What happened.
@@ -101,6 +104,7 @@ impl World {
             to_replica: VecDeque::new(),
             to_primary: VecDeque::new(),
             reorder_next_acks: false,
+            begin_delay: Duration::ZERO,
             closes: Vec::new(),
             violations: 0,
             snapshots: Vec::new(),
@@ -179,6 +183,7 @@ impl World {
             Some(SenderAction::SendSnapshot(_)) => {
                 let at = self.journal_last;
                 self.snapshots.push(self.t);
+                assert!(self.snapshots.len() < 1000, "a snapshot storm");
                 self.to_replica
                     .push_back((self.t + LATENCY, Message::SnapshotBegin { at }));
                 self.to_replica.push_back((
@@ -253,10 +258,10 @@ impl World {
             self.reply(ack);
             return true;
         }
-        let Some((at, _)) = self.to_replica.front() else {
+        let Some(at) = self.replica_ready_at() else {
             return false;
         };
-        if *at > self.t {
+        if at > self.t {
             return false;
         }
         let (_, m) = self.to_replica.pop_front().unwrap();
@@ -307,13 +312,22 @@ impl World {
         true
     }
 
+    /// When the replica can take the next message.
+    fn replica_ready_at(&self) -> Option<Duration> {
+        let (at, m) = self.to_replica.front()?;
+        Some(match m {
+            Message::SnapshotBegin { .. } => *at + self.begin_delay,
+            _ => *at,
+        })
+    }
+
     fn next_event(&self) -> Option<Duration> {
         let base = self.base;
         let since = |i: Instant| i.saturating_duration_since(base);
         [
             self.sender.next_deadline().map(since),
             self.to_primary.front().map(|(t, _)| *t),
-            self.to_replica.front().map(|(t, _)| *t),
+            self.replica_ready_at(),
             self.applying.map(|(t, _)| t),
             self.receiver
                 .keepalive_deadline()
@@ -583,4 +597,19 @@ fn a_replica_ahead_claims_nothing() {
             ..
         })
     ));
+}
+
+/// A diverged replica slow to reset for its snapshot keeps reporting the
+/// divergence meanwhile (those acks are about its old state): it gets one
+/// snapshot, not one per grace period.
+#[test]
+fn a_diverged_replica_slow_to_reset_gets_one_snapshot() {
+    let mut w = World::new(30, 10, 10);
+    w.fault = Some(Fault::Failing(ApplyErrorKind::Divergence));
+    // Five grace periods (inside the ack timeout).
+    w.begin_delay = w.config.divergence_grace * 5;
+    w.run(HOUR);
+    assert!(w.converged());
+    assert_eq!(w.snapshots.len(), 1);
+    assert!(w.closes.is_empty(), "{:?}", w.closes);
 }
