@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, bounded, select};
 use fuser::{Config, MountOption, SessionACL, SessionUnmounter};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::fuse::{FuseAdapter, FuseOptions};
 use crate::journal::exclude::Exclusions;
@@ -374,7 +374,7 @@ impl Mounted {
                 info!(rules = ?patterns, "exclusion rules reloaded");
                 r.set_exclusions(ex);
             }
-            Err(e) => warn!(error = %e, "exclusion rules not reloaded; keeping the old ones"),
+            Err(e) => error!(error = %e, "exclusion rules not reloaded; keeping the old ones"),
         }
     }
 
