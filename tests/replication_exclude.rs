@@ -67,6 +67,13 @@ fn directory_renames_across_the_exclusion_boundary_carry_their_subtree() {
     assert!(!r.mirror.join("keep").exists());
     assert!(!r.mirror.join("scratch").exists());
     assert_same_tree(&c.primary.backing, &r.mirror, &skip_scratch);
+    // Carried by records: no fall back to a full snapshot of the volume.
+    let snapshots = r
+        .daemon
+        .log_text()
+        .matches("receiving a full snapshot")
+        .count();
+    assert_eq!(snapshots, 1, "only the initial snapshot:\n{}", c.logs());
 }
 
 #[test]
