@@ -159,10 +159,17 @@ impl Recorder {
             }
         }
         let Some(rel) = names.into_iter().next() else {
+            // The search gave up (its bound) or the object is outside the
+            // tree. Its changes cannot be named, so the whole volume is
+            // marked for resync: a dirty entry that is no regular file makes
+            // the peers behind it take a snapshot.
             error!(
                 ino = inode.ino,
-                "no name found for a linked object; its changes cannot be journaled"
+                "no name found for a linked object; marking the volume for a full resync"
             );
+            if !inode.is_dir() {
+                self.mark_whole_dirty(b"");
+            }
             return None;
         };
         Some(PathInfo {
