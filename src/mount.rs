@@ -366,13 +366,13 @@ impl Mounted {
     }
 
     fn reload_exclusions(&self, patterns: Option<Vec<String>>) {
-        let (Some(patterns), Some(r)) = (patterns, self.volume.recorder()) else {
+        let (Some(patterns), Some(_)) = (patterns, self.volume.recorder()) else {
             return;
         };
         match Exclusions::new(&patterns) {
             Ok(ex) => {
+                self.volume.set_exclusions(ex);
                 info!(rules = ?patterns, "exclusion rules reloaded");
-                r.set_exclusions(ex);
             }
             Err(e) => error!(error = %e, "exclusion rules not reloaded; keeping the old ones"),
         }

@@ -108,3 +108,62 @@ fn a_hard_link_with_an_included_name_is_replicated_through_any_name() {
     assert_eq!(std::fs::read(r.mirror.join("disk.img")).unwrap(), want);
     assert!(!r.mirror.join("disk.swap").exists());
 }
+
+#[test]
+fn sighup_sends_newly_included_files_and_removes_newly_excluded_ones() {
+    let base = tempfile::tempdir().unwrap();
+    let config = base.path().join("replicafs.toml");
+    std::fs::write(&config, "exclude = [\"*.tmp\"]\n").unwrap();
+    let mut c = Cluster::new(1, &["--config", config.to_str().unwrap()]);
+    c.start_all();
+    let m = c.primary.mnt.clone();
+    std::fs::create_dir(m.join("dir.tmp")).unwrap();
+    std::fs::write(m.join("dir.tmp/inner"), b"inside an excluded dir").unwrap();
+    std::fs::write(m.join("keep.tmp"), b"excluded at first").unwrap();
+    std::fs::write(m.join("x.swap"), b"included at first").unwrap();
+    c.wait_converged();
+    let r = &c.replicas[0];
+    assert!(!r.mirror.join("keep.tmp").exists());
+    assert!(r.mirror.join("x.swap").exists());
+
+    std::fs::write(&config, "exclude = [\"*.swap\"]\n").unwrap();
+    let pid = c.primary.daemon.pid().expect("primary running");
+    // SAFETY: kill(2) on the primary daemon this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    let start = std::time::Instant::now();
+    while !c
+        .primary
+        .daemon
+        .log_text()
+        .contains("exclusion rules reloaded")
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "{}",
+            c.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.join("keep.tmp"))
+            .unwrap();
+        f.write_all_at(b"EXCLUDED", 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    c.wait_converged();
+    assert_eq!(
+        std::fs::read(r.mirror.join("keep.tmp")).unwrap(),
+        b"EXCLUDED at first"
+    );
+    assert_eq!(
+        std::fs::read(r.mirror.join("dir.tmp/inner")).unwrap(),
+        b"inside an excluded dir"
+    );
+    assert!(!r.mirror.join("x.swap").exists());
+    assert_same_tree(&c.primary.backing, &r.mirror, &|rel: &str| {
+        rel.ends_with(".swap")
+    });
+}

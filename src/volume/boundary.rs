@@ -207,4 +207,40 @@ impl Recorder {
             }
         }
     }
+
+    /// After the rules changed from `old` to `new`: names under `dir` that
+    /// became included are sent whole, names that became excluded are
+    /// removed from replicas.
+    pub fn settle_new_rules(
+        &self,
+        old: &Exclusions,
+        new: &Exclusions,
+        dir: &[u8],
+        skip: &dyn Fn(&[u8]) -> bool,
+    ) {
+        let Ok(entries) = std::fs::read_dir(self.abs(dir)) else {
+            return;
+        };
+        let mut names: Vec<(Vec<u8>, bool)> = entries
+            .flatten()
+            .map(|e| {
+                let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                (e.file_name().as_bytes().to_vec(), is_dir)
+            })
+            .collect();
+        names.sort();
+        for (name, is_dir) in names {
+            let rel = join(dir, &name);
+            if skip(&rel) {
+                continue;
+            }
+            match (old.is_excluded(&rel), new.is_excluded(&rel)) {
+                (true, true) => {}
+                (false, true) => self.record_removal(&rel, is_dir),
+                (true, false) => self.send_tree(&rel),
+                (false, false) if is_dir => self.settle_new_rules(old, new, &rel, skip),
+                (false, false) => {}
+            }
+        }
+    }
 }

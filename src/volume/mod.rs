@@ -172,6 +172,19 @@ impl Volume {
         self.recorder.as_ref()
     }
 
+    /// New exclusion rules (SIGHUP): replicas get what they newly include
+    /// and lose what they newly exclude. The hidden state dir is never walked.
+    pub fn set_exclusions(&self, ex: crate::journal::exclude::Exclusions) {
+        let Some(r) = &self.recorder else { return };
+        let hidden = self
+            .options
+            .hidden_dir
+            .as_ref()
+            .and_then(|d| d.strip_prefix(&self.backing).ok())
+            .map(|p| p.as_os_str().as_bytes().to_vec());
+        r.set_exclusions(ex, &|rel| Some(rel) == hidden.as_deref());
+    }
+
     pub fn backing_dir(&self) -> &Path {
         &self.backing
     }

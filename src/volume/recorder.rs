@@ -90,10 +90,18 @@ impl Recorder {
             .clone()
     }
 
-    /// New rules (SIGHUP). Takes effect for every mutation that starts afterwards.
-    pub fn set_exclusions(&self, ex: Exclusions) {
+    /// New rules (SIGHUP). Takes effect for every mutation that starts
+    /// afterwards; paths the change moves across the boundary are sent to or
+    /// removed from replicas first (see [`Recorder::settle_new_rules`]), with
+    /// no mutation in between. `skip` names a path never to walk into.
+    pub fn set_exclusions(&self, ex: Exclusions, skip: &dyn Fn(&[u8]) -> bool) {
         let _ns = self.namespace_lock();
-        *self.exclusions.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ex);
+        let old = std::mem::replace(
+            &mut *self.exclusions.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(ex),
+        );
+        let new = self.exclusions();
+        self.settle_new_rules(&old, &new, b"", skip);
     }
 
     fn resolve(&self, inode: &Inode) -> Option<PathInfo> {
