@@ -166,4 +166,11 @@ fn sighup_sends_newly_included_files_and_removes_newly_excluded_ones() {
     assert_same_tree(&c.primary.backing, &r.mirror, &|rel: &str| {
         rel.ends_with(".swap")
     });
+    // Carried by records: no fall back to a full snapshot of the volume.
+    let snapshots = r
+        .daemon
+        .log_text()
+        .matches("receiving a full snapshot")
+        .count();
+    assert_eq!(snapshots, 1, "only the initial snapshot:\n{}", c.logs());
 }
