@@ -58,6 +58,10 @@ pub struct PathInfo {
 pub struct FileState {
     /// Activity-log epoch under which `hot_extents` were known hot.
     pub al_epoch: u64,
+    /// The path `hot_extents` were made hot under: after a rename they say
+    /// nothing about the new name, whose extents must be logged afresh (the
+    /// crash-time dirty list must name the file as it is now called).
+    pub hot_path: Option<Arc<[u8]>>,
     pub hot_extents: Vec<u64>,
 }
 
@@ -72,6 +76,15 @@ impl Inode {
 
     pub fn is_symlink(&self) -> bool {
         self.file_type == libc::S_IFLNK
+    }
+
+    /// Remembers another name's O_PATH fd (the oldest goes beyond a few).
+    pub fn add_alias(&self, fd: OwnedFd) {
+        let mut aliases = self.aliases.lock().unwrap_or_else(|e| e.into_inner());
+        if aliases.len() >= MAX_ALIASES {
+            aliases.remove(0);
+        }
+        aliases.push(fd);
     }
 }
 
