@@ -55,9 +55,10 @@ enum IoMode {
     Cached,
     /// Straight to the backing file by the kernel (read-only opens only).
     Passthrough,
-    /// Through us without the page cache: O_DIRECT opens, opens while an
-    /// O_DIRECT one bypasses the cache, and opens while passthrough opens exist
-    /// (the kernel refuses a writable one with EIO; see `FuseOptions::passthrough`).
+    /// Through us without the page cache: O_DIRECT opens, and opens while
+    /// passthrough opens exist (the kernel refuses a writable one with EIO;
+    /// see `FuseOptions::passthrough`). The kernel keeps the inode's cached
+    /// handles coherent with these writes (tests/odirect.rs checks it).
     Direct,
 }
 
@@ -67,7 +68,6 @@ enum IoMode {
 struct InodeIo {
     cached: u32,
     passthrough: u32,
-    direct: u32,
     backing: Option<BackingId>,
 }
 
@@ -75,9 +75,6 @@ struct InodeIo {
 struct IoModes {
     inodes: HashMap<u64, InodeIo>,
     handles: HashMap<u64, (u64, IoMode)>,
-    /// Inodes written around the page cache since their last cached open: the
-    /// next cached open must not keep the pages it finds.
-    bypassed: std::collections::HashSet<u64>,
 }
 
 pub struct FuseAdapter {
@@ -124,17 +121,18 @@ impl FuseAdapter {
         fh: u64,
         flags: i32,
         open_backing: impl FnOnce() -> io::Result<BackingId>,
-    ) -> (IoMode, bool) {
+    ) -> IoMode {
         let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0;
         let mut io = self.io_lock();
         let state = io.inodes.entry(ino).or_default();
         let o_direct = flags & libc::O_DIRECT != 0;
         let mut mode = IoMode::Cached;
-        if state.passthrough > 0 {
-            if read_only && !o_direct {
+        if o_direct {
+            // The caller asked not to be cached.
+            mode = IoMode::Direct;
+        } else if state.passthrough > 0 {
+            if read_only {
                 mode = IoMode::Passthrough;
-            } else if read_only {
-                mode = IoMode::Direct;
             } else {
                 warn!(
                     ino,
@@ -142,15 +140,6 @@ impl FuseAdapter {
                 );
                 mode = IoMode::Direct;
             }
-        } else if o_direct {
-            // Uncached, unless cached opens exist: then the kernel's own
-            // O_DIRECT path, which keeps their pages coherent with it.
-            if state.cached == 0 {
-                mode = IoMode::Direct;
-            }
-        } else if state.direct > 0 {
-            // O_DIRECT writes bypass the page cache: caching here would go stale.
-            mode = IoMode::Direct;
         } else if read_only
             && state.cached == 0
             && self
@@ -172,17 +161,10 @@ impl FuseAdapter {
         match mode {
             IoMode::Cached => state.cached += 1,
             IoMode::Passthrough => state.passthrough += 1,
-            IoMode::Direct => state.direct += 1,
+            IoMode::Direct => {}
         }
         io.handles.insert(fh, (ino, mode));
-        let keep_cache = match mode {
-            IoMode::Direct => {
-                io.bypassed.insert(ino);
-                false
-            }
-            _ => !io.bypassed.remove(&ino),
-        };
-        (mode, keep_cache)
+        mode
     }
 
     fn release_mode(&self, fh: u64) {
@@ -199,16 +181,16 @@ impl FuseAdapter {
                         state.backing = None;
                     }
                 }
-                IoMode::Direct => state.direct = state.direct.saturating_sub(1),
+                IoMode::Direct => {}
             }
-            if state.cached == 0 && state.passthrough == 0 && state.direct == 0 {
+            if state.cached == 0 && state.passthrough == 0 {
                 io.inodes.remove(&ino);
             }
         }
     }
 
     /// Replies to open/create: passthrough, direct or cached, as chosen.
-    fn open_flags(&self, opened: &Opened, mode: IoMode, keep_cache: bool) -> FopenFlags {
+    fn open_flags(&self, opened: &Opened, mode: IoMode) -> FopenFlags {
         let mut flags = FopenFlags::empty();
         if mode == IoMode::Direct {
             flags |= FopenFlags::FOPEN_DIRECT_IO;
@@ -216,7 +198,7 @@ impl FuseAdapter {
         if opened.direct_io || mode == IoMode::Direct {
             flags |= FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
         }
-        if mode == IoMode::Cached && keep_cache && !opened.direct_io {
+        if mode == IoMode::Cached {
             // Every change goes through this mount, so cached pages stay valid.
             flags |= FopenFlags::FOPEN_KEEP_CACHE;
         }
@@ -481,9 +463,8 @@ impl Filesystem for FuseAdapter {
             Ok(f) => f,
             Err(e) => return reply.error(self.fail("open", ino.0, e)),
         };
-        let (mode, keep_cache) =
-            self.choose_mode(ino.0, opened.fh, flags.0, || reply.open_backing(&file.file));
-        let fopen = self.open_flags(&opened, mode, keep_cache);
+        let mode = self.choose_mode(ino.0, opened.fh, flags.0, || reply.open_backing(&file.file));
+        let fopen = self.open_flags(&opened, mode);
         if mode == IoMode::Passthrough {
             let io = self.io_lock();
             if let Some(id) = io.inodes.get(&ino.0).and_then(|s| s.backing.as_ref()) {
@@ -702,11 +683,10 @@ impl Filesystem for FuseAdapter {
             Err(e) => return reply.error(self.fail("create", parent.0, e)),
         };
         // A new file has no other opens: cached mode unless it is read-only.
-        let (mode, keep_cache) =
-            self.choose_mode(entry.attr.ino, opened.fh, flags | libc::O_RDWR, || {
-                Err(io::Error::from_raw_os_error(libc::EPERM))
-            });
-        let fopen = self.open_flags(&opened, mode, keep_cache);
+        let mode = self.choose_mode(entry.attr.ino, opened.fh, flags | libc::O_RDWR, || {
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        });
+        let fopen = self.open_flags(&opened, mode);
         reply.created(
             &TTL,
             &file_attr(&entry.attr),

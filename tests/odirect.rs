@@ -254,3 +254,33 @@ fn an_odirect_write_does_not_fill_the_page_cache() {
     // processes move it by hundreds of MiB in seconds (bench/fio.sh measures
     // it on a quiet run). The per-file count above is exact.
 }
+
+/// O_DIRECT writes while a cached handle is open: that handle sees them, and
+/// the O_DIRECT handle sees buffered writes.
+#[test]
+fn an_open_cached_handle_sees_odirect_writes() {
+    let m = TestMount::new();
+    let path = m.path("f");
+    fs::write(&path, vec![1u8; 1 << 20]).unwrap();
+    let cached = File::open(&path).unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    cached.read_exact_at(&mut got, 0).unwrap();
+    assert!(got.iter().all(|&b| b == 1));
+    let mut buf = AlignedBuf::new(1 << 20, 4096);
+    buf.fill(2);
+    let f = open_direct(&path);
+    f.write_all_at(&buf, 0).unwrap();
+    cached.read_exact_at(&mut got, 0).unwrap();
+    assert!(
+        got.iter().all(|&b| b == 2),
+        "the cached handle read stale pages"
+    );
+    let w = OpenOptions::new().write(true).open(&path).unwrap();
+    w.write_all_at(&[3u8; 4096], 8192).unwrap();
+    let mut back = AlignedBuf::new(4096, 4096);
+    f.read_exact_at(&mut back, 8192).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 3),
+        "the O_DIRECT handle missed a buffered write"
+    );
+}

@@ -220,6 +220,8 @@ pub(crate) struct Faults {
     pub fail_sync: std::sync::atomic::AtomicBool,
     /// Starting a new segment file fails.
     pub fail_roll: std::sync::atomic::AtomicBool,
+    /// The writer waits before each segment write while set (a slow disk).
+    pub stall_write: std::sync::atomic::AtomicBool,
 }
 
 struct Shared {
@@ -1365,6 +1367,10 @@ impl Writer {
             return Ok(());
         }
         #[cfg(test)]
+        while self.shared.faults.stall_write.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        #[cfg(test)]
         let injected = self.shared.fault(&self.shared.faults.fail_write);
         #[cfg(not(test))]
         let injected = Ok(());
@@ -1741,6 +1747,71 @@ mod tests {
         assert_eq!(rs.first().unwrap().seq, 31);
         assert_eq!(rs.len(), 11);
         assert!(after.segment_bytes < before.segment_bytes);
+    }
+
+    #[test]
+    fn segments_found_at_open_are_trimmed_and_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), opts()).unwrap();
+        for i in 0..40u64 {
+            j.append(&write_op("f", i << 16), &vec![i as u8; 64 << 10]);
+        }
+        j.close().unwrap();
+        drop(j);
+        let jd = journal_dir(dir.path());
+        let before = segment::list_segments(&jd).unwrap();
+        assert!(before.len() > 2, "{before:?}");
+        let (j, _) = Journal::open(dir.path(), opts()).unwrap();
+        j.trim_through(40);
+        j.append(&write_op("f", 0), b"x");
+        j.sync_through(41).unwrap();
+        // Only the segment that was active at the restart is left.
+        let after = segment::list_segments(&jd).unwrap();
+        assert_eq!(after, before[before.len() - 1..].to_vec());
+    }
+
+    #[test]
+    fn appends_wait_while_the_writer_queue_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 1u64 << 20;
+        let o = JournalOptions {
+            queue_bytes: limit,
+            ..opts()
+        };
+        let (j, _) = Journal::open(dir.path(), o).unwrap();
+        let j = Arc::new(j);
+        j.faults().stall_write.store(true, Ordering::Release);
+        let frame = 256 << 10;
+        let writer = {
+            let j = j.clone();
+            std::thread::spawn(move || {
+                for i in 0..16u64 {
+                    j.append(&write_op("f", i * frame), &vec![1u8; frame as usize]);
+                }
+            })
+        };
+        // Wait until the queue is as full as it may get, then give the
+        // appender time to (wrongly) go past it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while j.queued_bytes() + frame + 100 <= limit {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the queue never filled"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            j.queued_bytes() <= limit,
+            "{} bytes queued",
+            j.queued_bytes()
+        );
+        assert!(j.last_seq() < 16, "every append went through a full queue");
+        j.faults().stall_write.store(false, Ordering::Release);
+        writer.join().unwrap();
+        j.sync_through(16).unwrap();
+        assert_eq!(all(&j).len(), 16);
+        assert_eq!(j.queued_bytes(), 0);
     }
 
     #[test]
