@@ -1780,6 +1780,14 @@ mod tests {
         };
         let (j, _) = Journal::open(dir.path(), o).unwrap();
         let j = Arc::new(j);
+        // Unstalls the writer however the test ends (closing waits for it).
+        struct Unstall(Arc<Journal>);
+        impl Drop for Unstall {
+            fn drop(&mut self) {
+                self.0.faults().stall_write.store(false, Ordering::Release);
+            }
+        }
+        let _unstall = Unstall(j.clone());
         j.faults().stall_write.store(true, Ordering::Release);
         let frame = 256 << 10;
         let writer = {
