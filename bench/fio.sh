@@ -19,7 +19,7 @@
 #   JOBS         space-separated subset of: seqwrite randwrite randwrite_fsync randread
 #                seqread seqread_cold dio_randwrite dio_randread qemu_write qemu_read
 #                [these ten], or the extra randread_rw seqread_cold_rw seqwrite_cached
-#                randwrite_cached dio_randwrite_fsync (see job_spec)
+#                randwrite_cached dio_randwrite_fsync dio_seqwrite (see job_spec)
 #   SIZE         fio file size [1g];  RUNTIME  seconds per job [12]
 #   REPEAT       runs per job and side; the median is reported [1]
 #   DROP_CACHES  1: sync + drop the page cache before every fio run (both sides start
@@ -40,8 +40,10 @@
 # native` (O_DIRECT, Linux AIO, depth 32, 4 KiB) and report IOPS.
 #
 # Besides the metric, each row has the growth of `Cached` in /proc/meminfo over the
-# run (the page cache the job left behind; other processes' I/O counts too) and the
-# daemon's peak RSS (VmHWM) at the end of the job.
+# run (other processes' I/O counts too), the page cache held by the job's own files
+# right after it (fincore: the test file, and on the mount side the state dir with
+# the journal too; exact, whatever else runs) and the daemon's peak RSS (VmHWM) at
+# the end of the job.
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -97,6 +99,7 @@ job_spec() {
     # A VM disk with cache=none: O_DIRECT, libaio, 32 in flight.
     dio_randwrite) echo "iops|--ioengine=libaio --direct=1 --iodepth=32 --rw=randwrite --bs=4k $timed" ;;
     dio_randread) echo "iops|--ioengine=libaio --direct=1 --iodepth=32 --rw=randread --bs=4k $timed" ;;
+    dio_seqwrite) echo "bw|--ioengine=libaio --direct=1 --iodepth=32 --rw=write --bs=1m --loops=1" ;; # one 1 GiB pass
     dio_randwrite_fsync) echo "iops|--ioengine=libaio --direct=1 --iodepth=32 --rw=randwrite --bs=4k --fsync=32 $timed" ;;
     # qemu-img bench: COUNT requests, 4 KiB, depth 32, O_DIRECT (-t none).
     qemu_write) echo "iops|-w" ;;
@@ -221,6 +224,12 @@ disk_sectors() { # sectors read, sectors written
 
 cached_kib() { awk '/^Cached:/ { print $2 }' /proc/meminfo; }
 
+resident_mib() { # page cache held by these files and the files under these dirs
+    # fincore fails on some files (empty ones): count what it could read.
+    { find "$@" -type f -print0 2>/dev/null | xargs -0 -r -n 1 fincore -b -n -r -o RES 2>/dev/null || true; } |
+        awk '{ s += $1 } END { printf "%.0f\n", s / 1048576 }'
+}
+
 daemon_hwm_mib() { # peak RSS of the daemon so far
     [[ -n $DAEMON_PID ]] || { echo -; return; }
     awk '/^VmHWM:/ { printf "%.0f\n", $2 / 1024 }' "/proc/$DAEMON_PID/status" 2>/dev/null || echo -
@@ -265,6 +274,11 @@ run_fio() {
     t1=$(daemon_cpu_ticks)
     d1=$(disk_sectors)
     echo $(( (c1 - c0) / 1024 )) >"$OUT/$tag.cached"
+    if [[ $side == mount ]]; then
+        resident_mib "$BACKING/mount/disk.img" "$BACKING/.replicafs" >"$OUT/$tag.resident"
+    else
+        resident_mib "$file" >"$OUT/$tag.resident"
+    fi
     if [[ $side == mount ]]; then daemon_hwm_mib >"$OUT/$tag.hwm"; fi
     # MiB read and written on the disk during the run (any process's I/O counts).
     echo "$d0 $d1" | awk '{ printf "%.0f %.0f\n", ($3 - $1) / 2048, ($4 - $2) / 2048 }' >"$OUT/$tag.disk"
@@ -309,8 +323,8 @@ layout "$BACKING/mount/disk.img"
 } | tee "$OUT/env.txt" >&2
 
 TABLE=$OUT/table.md
-printf '| variant | job | unit | native | mount | mount/native | daemon CPU s | disk MiB r/w native | disk MiB r/w mount | Cached Δ MiB native | Cached Δ MiB mount | daemon VmHWM MiB |\n' >"$TABLE"
-printf '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n' >>"$TABLE"
+printf '| variant | job | unit | native | mount | mount/native | daemon CPU s | disk MiB r/w native | disk MiB r/w mount | Cached Δ MiB native | Cached Δ MiB mount | own files cached MiB native | own files cached MiB mount (journal incl.) | daemon VmHWM MiB |\n' >"$TABLE"
+printf '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n' >>"$TABLE"
 
 for v in "${variants[@]}"; do
     name=${v%%|*}; rest=${v#*|}; args=${rest%%|*}; bdi=
@@ -349,9 +363,11 @@ for v in "${variants[@]}"; do
         cn=$(cat "$OUT/$name-$job-native-1.cached")
         cm=$(cat "$OUT/$name-$job-mount-1.cached")
         hwm=$(cat "$OUT/$name-$job-mount-$REPEAT.hwm")
+        rn=$(cat "$OUT/$name-$job-native-1.resident")
+        rm_=$(cat "$OUT/$name-$job-mount-1.resident")
         row=$(awk -v v="$name" -v j="$job" -v u="$unit" -v n="$n" -v m="$m" -v c="$cpu" -v dn="$dn" -v dm="$dm" \
-            -v cn="$cn" -v cm="$cm" -v h="$hwm" \
-            'BEGIN { printf "| %s | %s | %s | %.0f | %.0f | %.2f | %s | %s | %s | %s | %s | %s |", v, j, u, n, m, (n > 0 ? m / n : 0), c, dn, dm, cn, cm, h }')
+            -v cn="$cn" -v cm="$cm" -v rn="$rn" -v rm="$rm_" -v h="$hwm" \
+            'BEGIN { printf "| %s | %s | %s | %.0f | %.0f | %.2f | %s | %s | %s | %s | %s | %s | %s | %s |", v, j, u, n, m, (n > 0 ? m / n : 0), c, dn, dm, cn, cm, rn, rm, h }')
         echo "$row" >>"$TABLE"
         log "$row   (native runs: ${nat[*]}; mount runs: ${mnt[*]})"
     done
