@@ -792,7 +792,8 @@ impl Volume {
         let len = u32::try_from(data.len()).map_err(|_| Error::EINVAL)?;
         let rec = self.recorder.as_ref();
         let ns = rec.map(|r| r.data_lock());
-        let mut state = f.inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
+        let end = offset.saturating_add(data.len() as u64);
+        let mut state = f.inode.mutation.lock_for_write(offset, end);
         let path = rec.and_then(|r| r.journaled_path(&f.inode));
         if kill_suidgid {
             self.kill_suidgid(&f.inode, path.as_deref())?;
@@ -801,7 +802,11 @@ impl Volume {
         if let (Some(r), Some(p)) = (rec, &path) {
             overfull = r.ensure_hot(&mut state, p, offset, data.len() as u64);
         }
-        f.write_all_at(data, offset)?;
+        // The pwrite runs unlocked; overlapping writes wait for its record.
+        let flight = f.inode.mutation.begin_flight(state, offset, end);
+        let written = f.write_all_at(data, offset);
+        let state = flight.finish();
+        written?;
         let seq = match (rec, &path) {
             (Some(r), Some(p)) => Some(r.record(
                 Some(&f.inode),
