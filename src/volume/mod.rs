@@ -1207,10 +1207,6 @@ impl Volume {
     }
 }
 
-/// Runs a create on a caller's behalf with no umask: the kernel already applied
-/// the caller's umask to the mode, and the daemon's own (0077, for its state
-/// dir) must not mask it again. The request thread gets a private umask
-/// (unshare CLONE_FS), so zeroing it for the call affects no other thread.
 /// A second descriptor of an opened backing file, with O_DIRECT, for a caller
 /// that opened with O_DIRECT. None where the backing filesystem refuses
 /// O_DIRECT (tmpfs): that caller is then served through the page cache.
@@ -1226,6 +1222,10 @@ fn direct_reopen(fd: &OwnedFd, backing_flags: i32) -> Option<File> {
     }
 }
 
+/// Runs a create on a caller's behalf with no umask: the kernel already applied
+/// the caller's umask to the mode, and the daemon's own (0077, for its state
+/// dir) must not mask it again. The request thread gets a private umask
+/// (unshare CLONE_FS), so zeroing it for the call affects no other thread.
 fn unmasked<T>(create: impl FnOnce() -> Result<T>) -> Result<T> {
     thread_local!(static PRIVATE_UMASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
     if !PRIVATE_UMASK.get() {
