@@ -676,10 +676,16 @@ impl Volume {
     }
 
     fn register_file(&self, inode: Arc<Inode>, fd: OwnedFd, flags: i32) -> Opened {
+        let direct = (flags & libc::O_DIRECT != 0)
+            .then(|| direct_reopen(&fd, self.backing_flags(flags)))
+            .flatten();
         let file = File::from(fd);
-        let fh = self
-            .handles
-            .insert(Handle::File(Arc::new(OpenFile { inode, file, flags })));
+        let fh = self.handles.insert(Handle::File(Arc::new(OpenFile {
+            inode,
+            file,
+            direct,
+            flags,
+        })));
         Opened {
             fh,
             direct_io: flags & libc::O_DIRECT != 0,
@@ -779,18 +785,7 @@ impl Volume {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let f = self.handles.file(fh)?;
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            let n = sys::pread(f.file.as_raw_fd(), &mut buf[done..], offset + done as u64)?;
-            if n == 0 {
-                break;
-            }
-            done += n;
-        }
-        buf.truncate(done);
-        Ok(buf)
+        self.handles.file(fh)?.read_at(offset, size)
     }
 
     /// Writes `data` at `offset`. `kill_suidgid`: the writer lacks CAP_FSETID, so
@@ -802,7 +797,8 @@ impl Volume {
         let len = u32::try_from(data.len()).map_err(|_| Error::EINVAL)?;
         let rec = self.recorder.as_ref();
         let ns = rec.map(|r| r.data_lock());
-        let mut state = f.inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
+        let end = offset.saturating_add(data.len() as u64);
+        let mut state = f.inode.mutation.lock_for_write(offset, end);
         let path = rec.and_then(|r| r.journaled_path(&f.inode));
         if kill_suidgid {
             self.kill_suidgid(&f.inode, path.as_deref())?;
@@ -811,14 +807,11 @@ impl Volume {
         if let (Some(r), Some(p)) = (rec, &path) {
             overfull = r.ensure_hot(&mut state, p, offset, data.len() as u64);
         }
-        let mut done = 0;
-        while done < data.len() {
-            let n = sys::pwrite(f.file.as_raw_fd(), &data[done..], offset + done as u64)?;
-            if n == 0 {
-                return Err(Error::EIO);
-            }
-            done += n;
-        }
+        // The pwrite runs unlocked; overlapping writes wait for its record.
+        let flight = f.inode.mutation.begin_flight(state, offset, end);
+        let written = f.write_all_at(data, offset);
+        let state = flight.finish();
+        written?;
         let seq = match (rec, &path) {
             (Some(r), Some(p)) => Some(r.record(
                 Some(&f.inode),
@@ -1216,6 +1209,21 @@ impl Volume {
             r.record(Some(&inode), &op, &[]);
         }
         Ok(())
+    }
+}
+
+/// A second descriptor of an opened backing file, with O_DIRECT, for a caller
+/// that opened with O_DIRECT. None where the backing filesystem refuses
+/// O_DIRECT (tmpfs): that caller is then served through the page cache.
+fn direct_reopen(fd: &OwnedFd, backing_flags: i32) -> Option<File> {
+    let keep = libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC;
+    let flags = (backing_flags & keep) | libc::O_DIRECT;
+    match sys::open_path(&sys::proc_path(fd.as_raw_fd()), flags) {
+        Ok(d) => Some(File::from(d)),
+        Err(e) => {
+            tracing::debug!(error = %e, "backing O_DIRECT open refused; buffered I/O for this handle");
+            None
+        }
     }
 }
 
