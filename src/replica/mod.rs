@@ -447,6 +447,10 @@ impl Replica {
         self.inner.applied.store(at, Ordering::Release);
         *gate = false;
         drop(gate);
+        {
+            let _g = self.inner.wake.0.lock().unwrap_or_else(|e| e.into_inner());
+            self.inner.wake.1.notify_all();
+        }
         publish(&self.inner);
         Ok(())
     }
@@ -616,9 +620,14 @@ fn apply_loop(inner: Arc<Inner>, applier: MirrorApplier) {
     while !inner.stop.load(Ordering::Acquire) {
         let gate = inner.gate.lock().unwrap_or_else(|e| e.into_inner());
         if *gate {
-            // Suspended for a snapshot.
+            // Suspended for a snapshot, which reset the replica: nothing is
+            // left to apply until a batch is stored (store notifies; so does
+            // finish_snapshot, and stop).
             drop(gate);
-            std::thread::sleep(Duration::from_millis(50));
+            let g = inner.wake.0.lock().unwrap_or_else(|e| e.into_inner());
+            if !inner.stop.load(Ordering::Acquire) {
+                drop(inner.wake.1.wait(g));
+            }
             continue;
         }
         let applied = inner.applied.load(Ordering::Acquire);
