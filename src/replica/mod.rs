@@ -2,9 +2,10 @@
 //!
 //! The network side ([`crate::transport::server`]) stores batches with
 //! [`Replica::store`] (durable before it returns) and reads progress from
-//! [`Replica::progress`]. One applier thread applies stored records to the
-//! mirror in seq order; a persister thread makes the mirror durable (syncfs)
-//! and then persists the applied seq (see [`apply`]).
+//! [`Replica::progress`]. One applier thread, woken by each store, applies
+//! stored records to the mirror in seq order, in runs of several batches; a
+//! persister thread, woken at the end of each run, makes the mirror durable
+//! (syncfs) and then persists the applied seq (see [`apply`]).
 //!
 //! Two "applied" seqs exist. [`Replica::mirror_applied`] is how far the applier
 //! has brought the mirror, possibly still in the page cache.
@@ -576,16 +577,15 @@ fn persist_loop(inner: Arc<Inner>) {
         if inner.stop.load(Ordering::Acquire) {
             break;
         }
-        if inner.applied.load(Ordering::Acquire) > inner.durable.load(Ordering::Acquire) {
-            persist(&inner);
-        }
-        retry = if inner.applied.load(Ordering::Acquire) > inner.durable.load(Ordering::Acquire) {
+        let ok = inner.applied.load(Ordering::Acquire) <= inner.durable.load(Ordering::Acquire)
+            || persist(&inner);
+        retry = if ok {
+            None
+        } else {
             // The sync or the store failed: try again, backing off.
             Some(retry.map_or(Duration::from_millis(200), |d| {
                 (d * 2).min(Duration::from_secs(2))
             }))
-        } else {
-            None
         };
         inner.persist_passes.fetch_add(1, Ordering::AcqRel);
     }
@@ -806,7 +806,7 @@ fn apply_next(
 
 /// Makes the mirror durable, then the applied seq; then trims the receive
 /// log and tells the primary.
-fn persist(inner: &Inner) {
+fn persist(inner: &Inner) -> bool {
     // Read before the sync: the sync covers everything applied through it.
     let resets = inner.resets.load(Ordering::Acquire);
     let applied = inner.applied.load(Ordering::Acquire);
@@ -827,12 +827,12 @@ fn persist(inner: &Inner) {
     }
     if synced.is_err() {
         publish(inner);
-        return;
+        return false;
     }
     let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
     if inner.resets.load(Ordering::Acquire) != resets {
         // A snapshot reset the replica meanwhile: `applied` is stale.
-        return;
+        return true;
     }
     let s = st.state;
     if s.applied < applied {
@@ -846,7 +846,7 @@ fn persist(inner: &Inner) {
             ..s
         }) {
             warn!(error = %e, "cannot persist the applied seq");
-            return;
+            return false;
         }
     }
     let persisted = st.state.applied;
@@ -861,6 +861,7 @@ fn persist(inner: &Inner) {
         warn!(error = %e, "cannot trim the receive log");
     }
     publish(inner);
+    true
 }
 
 #[cfg(test)]
