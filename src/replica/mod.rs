@@ -1106,6 +1106,28 @@ mod tests {
         assert_eq!(visible_through(&rig.mirror, &dirs), 15);
     }
 
+    /// A failed sync is retried by the persister on its own: with no more
+    /// batches coming, what was applied still becomes durable and acknowledged.
+    #[test]
+    fn a_failed_sync_is_retried_without_new_batches() {
+        let rig = Rig::new(&[]);
+        let r = rig.open();
+        rig.probe.refuse.store(true, Ordering::Release);
+        rig.store(&r, 1, 4);
+        rig.wait(&r, "a sync to fail", |r| {
+            r.error()
+                .is_some_and(|e| e.contains("cannot sync the mirror"))
+        });
+        assert_eq!(r.progress().borrow().applied, 0);
+        rig.probe.refuse.store(false, Ordering::Release);
+        rig.wait(&r, "seq 4 acknowledged", |r| {
+            r.progress().borrow().applied == 4
+        });
+        assert_eq!(r.error(), None);
+        r.stop();
+        assert_eq!(rig.persisted(), 4);
+    }
+
     /// Batches stored before the applier starts are applied as one run, a
     /// contiguous stretch of writes as one coalesced write; the mirror is
     /// synced once for the run and once before its namespace record, and
