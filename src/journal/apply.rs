@@ -536,6 +536,9 @@ pub struct OpenFiles {
 }
 
 impl OpenFiles {
+    /// Most files kept open at once.
+    pub const MAX: usize = 256;
+
     pub fn clear(&mut self) {
         self.files.clear();
     }
@@ -557,6 +560,10 @@ impl Applier {
         files: &'a mut OpenFiles,
         path: &[u8],
     ) -> io::Result<&'a std::fs::File> {
+        // Bounded: a run over many files must not run out of descriptors.
+        if files.files.len() >= OpenFiles::MAX && !files.files.contains_key(path) {
+            files.files.clear();
+        }
         match files.files.entry(path.to_vec()) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
             std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(self.open_file(path)?)),

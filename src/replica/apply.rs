@@ -449,6 +449,19 @@ mod tests {
             i += n;
         }
         assert_eq!(files.len(), 2, "each file opened once");
+        // Many files in one run: the open set stays bounded.
+        let many: Vec<Record> = (0..OpenFiles::MAX as u64 + 10)
+            .map(|k| {
+                let name = format!("n{k}");
+                std::fs::write(run.join(&name), b"").unwrap();
+                write(k + 1, name.as_bytes(), 0, b"x")
+            })
+            .collect();
+        for r in &many {
+            a.apply_group(&mut files, std::slice::from_ref(r)).unwrap();
+            assert!(files.len() <= OpenFiles::MAX);
+        }
+        assert_eq!(std::fs::read(run.join("n3")).unwrap(), b"x");
         for name in ["f", "g"] {
             let (x, y) = (
                 std::fs::read(one.join(name)).unwrap(),
