@@ -17,8 +17,9 @@
 #                congestion_threshold), to try kernel-side tuning the daemon could apply
 #                itself
 #   JOBS         space-separated subset of: seqwrite randwrite randwrite_fsync randread
-#                seqread seqread_cold [these six], or the extra randread_rw
-#                seqread_cold_rw seqwrite_cached randwrite_cached (see job_spec)
+#                seqread seqread_cold dio_randwrite dio_randread qemu_write qemu_read
+#                [these ten], or the extra randread_rw seqread_cold_rw seqwrite_cached
+#                randwrite_cached dio_randwrite_fsync dio_seqwrite (see job_spec)
 #   SIZE         fio file size [1g];  RUNTIME  seconds per job [12]
 #   REPEAT       runs per job and side; the median is reported [1]
 #   DROP_CACHES  1: sync + drop the page cache before every fio run (both sides start
@@ -30,10 +31,19 @@
 #   REPLICAFS_BIN  the binary to mount with [<repo>/target/release/replicafs]; setting
 #                it skips the build (for comparing prototype builds)
 #
-# Every fio job is buffered (direct=0), ioengine=psync, numjobs=1, iodepth=1, on a
-# preallocated, fully written SIZE file (a raw VM disk being overwritten), for about
-# RUNTIME seconds, with the same options on both sides. Write jobs use end_fsync=1 and
-# fio counts that fsync in the job's run time; see job_spec for how passes are synced.
+# Every fio job but the dio_* ones is buffered (direct=0), ioengine=psync, numjobs=1,
+# iodepth=1, on a preallocated, fully written SIZE file (a raw VM disk being
+# overwritten), for about RUNTIME seconds, with the same options on both sides. Write
+# jobs use end_fsync=1 and fio counts that fsync in the job's run time; see job_spec
+# for how passes are synced. The dio_* jobs are what a VM with cache=none does:
+# O_DIRECT, libaio, iodepth 32, 4 KiB random. qemu_* run `qemu-img bench -t none -i
+# native` (O_DIRECT, Linux AIO, depth 32, 4 KiB) and report IOPS.
+#
+# Besides the metric, each row has the growth of `Cached` in /proc/meminfo over the
+# run (other processes' I/O counts too), the page cache held by the job's own files
+# right after it (fincore: the test file, and on the mount side the state dir with
+# the journal too; exact, whatever else runs) and the daemon's peak RSS (VmHWM) at
+# the end of the job.
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -45,7 +55,7 @@ REPEAT=${REPEAT:-1}
 DROP_CACHES=${DROP_CACHES:-1}
 FIO_EXTRA=${FIO_EXTRA:-}
 NICE=${NICE:-0}
-JOBS=${JOBS:-"seqwrite randwrite randwrite_fsync randread seqread seqread_cold"}
+JOBS=${JOBS:-"seqwrite randwrite randwrite_fsync randread seqread seqread_cold dio_randwrite dio_randread qemu_write qemu_read"}
 BIN=${REPLICAFS_BIN:-$REPO/target/release/replicafs}
 
 # The variants `VARIANTS=all` runs: NAME|ARGS for `replicafs mount`[|BDI settings].
@@ -86,6 +96,14 @@ job_spec() {
     seqread_cold_rw) echo "bw|--rw=rw --rwmixread=100 --bs=1m --loops=1" ;;
     seqwrite_cached) echo "bw|--rw=write --bs=1m --end_fsync=1 $timed" ;;
     randwrite_cached) echo "iops|--rw=randwrite --bs=4k --end_fsync=1 $timed" ;;
+    # A VM disk with cache=none: O_DIRECT, libaio, 32 in flight.
+    dio_randwrite) echo "iops|--ioengine=libaio --direct=1 --iodepth=32 --rw=randwrite --bs=4k $timed" ;;
+    dio_randread) echo "iops|--ioengine=libaio --direct=1 --iodepth=32 --rw=randread --bs=4k $timed" ;;
+    dio_seqwrite) echo "bw|--ioengine=libaio --direct=1 --iodepth=32 --rw=write --bs=1m --loops=1" ;; # one 1 GiB pass
+    dio_randwrite_fsync) echo "iops|--ioengine=libaio --direct=1 --iodepth=32 --rw=randwrite --bs=4k --fsync=32 $timed" ;;
+    # qemu-img bench: COUNT requests, 4 KiB, depth 32, O_DIRECT (-t none).
+    qemu_write) echo "iops|-w" ;;
+    qemu_read) echo "iops|" ;;
     *) echo "unknown job $1" >&2; return 1 ;;
     esac
 }
@@ -204,6 +222,29 @@ disk_sectors() { # sectors read, sectors written
     if [[ -n $DISK_STAT ]]; then awk '{ print $3, $7 }' "$DISK_STAT"; else echo 0 0; fi
 }
 
+cached_kib() { awk '/^Cached:/ { print $2 }' /proc/meminfo; }
+
+resident_mib() { # page cache held by these files and the files under these dirs
+    # fincore fails on some files (empty ones): count what it could read.
+    { find "$@" -type f -print0 2>/dev/null | xargs -0 -r -n 1 fincore -b -n -r -o RES 2>/dev/null || true; } |
+        awk '{ s += $1 } END { printf "%.0f\n", s / 1048576 }'
+}
+
+daemon_hwm_mib() { # peak RSS of the daemon so far
+    [[ -n $DAEMON_PID ]] || { echo -; return; }
+    awk '/^VmHWM:/ { printf "%.0f\n", $2 / 1024 }' "/proc/$DAEMON_PID/status" 2>/dev/null || echo -
+}
+
+# qemu-img bench on FILE; prints IOPS. QEMU_COUNT requests [200000].
+run_qemu() { # FILE EXTRA LOG
+    local n=${QEMU_COUNT:-200000} secs
+    # shellcheck disable=SC2086
+    nice -n "$NICE" qemu-img bench -f raw -t none -i native -d 32 -s 4k -c "$n" $2 "$1" >"$3" 2>&1
+    secs=$(sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' "$3")
+    [[ -n $secs ]] || { cat "$3" >&2; die "qemu-img bench failed"; }
+    awk -v n="$n" -v s="$secs" 'BEGIN { printf "%.0f\n", n / s }'
+}
+
 daemon_cpu_ticks() { # utime+stime of the daemon, in clock ticks
     [[ -n $DAEMON_PID ]] || { echo 0; return; }
     awk '{ print $14 + $15 }' "/proc/$DAEMON_PID/stat" 2>/dev/null || echo 0
@@ -219,13 +260,26 @@ run_fio() {
     json=$OUT/$tag.json
     drop_caches
     cut -d' ' -f1-3 /proc/loadavg >"$OUT/$tag.loadavg"
-    local t0 t1 d0 d1
+    local t0 t1 d0 d1 c0 c1 qemu_iops=
     t0=$(daemon_cpu_ticks)
     d0=$(disk_sectors)
-    # shellcheck disable=SC2086
-    nice -n "$NICE" fio --name="$job" --filename="$file" "${COMMON_FIO[@]}" $opts $FIO_EXTRA >"$json"
+    c0=$(cached_kib)
+    if [[ $job == qemu_* ]]; then
+        qemu_iops=$(run_qemu "$file" "$opts" "$OUT/$tag.qemu.txt")
+    else
+        # shellcheck disable=SC2086
+        nice -n "$NICE" fio --name="$job" --filename="$file" "${COMMON_FIO[@]}" $opts $FIO_EXTRA >"$json"
+    fi
+    c1=$(cached_kib)
     t1=$(daemon_cpu_ticks)
     d1=$(disk_sectors)
+    echo $(( (c1 - c0) / 1024 )) >"$OUT/$tag.cached"
+    if [[ $side == mount ]]; then
+        resident_mib "$BACKING/mount/disk.img" "$BACKING/.replicafs" >"$OUT/$tag.resident"
+    else
+        resident_mib "$file" >"$OUT/$tag.resident"
+    fi
+    if [[ $side == mount ]]; then daemon_hwm_mib >"$OUT/$tag.hwm"; fi
     # MiB read and written on the disk during the run (any process's I/O counts).
     echo "$d0 $d1" | awk '{ printf "%.0f %.0f\n", ($3 - $1) / 2048, ($4 - $2) / 2048 }' >"$OUT/$tag.disk"
     if [[ $side == mount ]]; then
@@ -233,7 +287,9 @@ run_fio() {
     fi
     local rw=read
     [[ $opts == *rw=*write* ]] && rw=write
-    if [[ $metric == bw ]]; then
+    if [[ -n $qemu_iops ]]; then
+        echo "$qemu_iops"
+    elif [[ $metric == bw ]]; then
         jq -r ".jobs[0].$rw.bw_bytes / 1048576" "$json"
     else
         jq -r ".jobs[0].$rw.iops" "$json"
@@ -267,8 +323,8 @@ layout "$BACKING/mount/disk.img"
 } | tee "$OUT/env.txt" >&2
 
 TABLE=$OUT/table.md
-printf '| variant | job | unit | native | mount | mount/native | daemon CPU s | disk MiB r/w native | disk MiB r/w mount |\n' >"$TABLE"
-printf '|---|---|---|---:|---:|---:|---:|---:|---:|\n' >>"$TABLE"
+printf '| variant | job | unit | native | mount | mount/native | daemon CPU s | disk MiB r/w native | disk MiB r/w mount | Cached Δ MiB native | Cached Δ MiB mount | own files cached MiB native | own files cached MiB mount (journal incl.) | daemon VmHWM MiB |\n' >"$TABLE"
+printf '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n' >>"$TABLE"
 
 for v in "${variants[@]}"; do
     name=${v%%|*}; rest=${v#*|}; args=${rest%%|*}; bdi=
@@ -304,8 +360,14 @@ for v in "${variants[@]}"; do
         # Disk traffic of the first repetition of each side.
         dn=$(tr ' ' / <"$OUT/$name-$job-native-1.disk")
         dm=$(tr ' ' / <"$OUT/$name-$job-mount-1.disk")
+        cn=$(cat "$OUT/$name-$job-native-1.cached")
+        cm=$(cat "$OUT/$name-$job-mount-1.cached")
+        hwm=$(cat "$OUT/$name-$job-mount-$REPEAT.hwm")
+        rn=$(cat "$OUT/$name-$job-native-1.resident")
+        rm_=$(cat "$OUT/$name-$job-mount-1.resident")
         row=$(awk -v v="$name" -v j="$job" -v u="$unit" -v n="$n" -v m="$m" -v c="$cpu" -v dn="$dn" -v dm="$dm" \
-            'BEGIN { printf "| %s | %s | %s | %.0f | %.0f | %.2f | %s | %s | %s |", v, j, u, n, m, (n > 0 ? m / n : 0), c, dn, dm }')
+            -v cn="$cn" -v cm="$cm" -v rn="$rn" -v rm="$rm_" -v h="$hwm" \
+            'BEGIN { printf "| %s | %s | %s | %.0f | %.0f | %.2f | %s | %s | %s | %s | %s | %s | %s | %s |", v, j, u, n, m, (n > 0 ? m / n : 0), c, dn, dm, cn, cm, rn, rm, h }')
         echo "$row" >>"$TABLE"
         log "$row   (native runs: ${nat[*]}; mount runs: ${mnt[*]})"
     done

@@ -55,9 +55,10 @@ enum IoMode {
     Cached,
     /// Straight to the backing file by the kernel (read-only opens only).
     Passthrough,
-    /// Through us without the page cache, while passthrough opens exist. The
-    /// kernel refuses such an open with EIO (an inode open by passthrough takes
-    /// passthrough opens only); see `FuseOptions::passthrough`.
+    /// Through us without the page cache: O_DIRECT opens, and opens while
+    /// passthrough opens exist (the kernel refuses a writable one with EIO;
+    /// see `FuseOptions::passthrough`). The kernel keeps the inode's cached
+    /// handles coherent with these writes (tests/odirect.rs checks it).
     Direct,
 }
 
@@ -124,8 +125,12 @@ impl FuseAdapter {
         let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0;
         let mut io = self.io_lock();
         let state = io.inodes.entry(ino).or_default();
+        let o_direct = flags & libc::O_DIRECT != 0;
         let mut mode = IoMode::Cached;
-        if state.passthrough > 0 {
+        if o_direct {
+            // The caller asked not to be cached.
+            mode = IoMode::Direct;
+        } else if state.passthrough > 0 {
             if read_only {
                 mode = IoMode::Passthrough;
             } else {

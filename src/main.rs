@@ -321,7 +321,7 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
                 Some(rules)
             }
             Err(e) => {
-                tracing::warn!(error = %e, "config not reloaded");
+                tracing::error!(error = %e, "config not reloaded; keeping the old exclusion rules");
                 None
             }
         }

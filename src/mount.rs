@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, bounded, select};
 use fuser::{Config, MountOption, SessionACL, SessionUnmounter};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::fuse::{FuseAdapter, FuseOptions};
 use crate::journal::exclude::Exclusions;
@@ -366,15 +366,15 @@ impl Mounted {
     }
 
     fn reload_exclusions(&self, patterns: Option<Vec<String>>) {
-        let (Some(patterns), Some(r)) = (patterns, self.volume.recorder()) else {
+        let (Some(patterns), Some(_)) = (patterns, self.volume.recorder()) else {
             return;
         };
         match Exclusions::new(&patterns) {
             Ok(ex) => {
+                self.volume.set_exclusions(ex);
                 info!(rules = ?patterns, "exclusion rules reloaded");
-                r.set_exclusions(ex);
             }
-            Err(e) => warn!(error = %e, "exclusion rules not reloaded; keeping the old ones"),
+            Err(e) => error!(error = %e, "exclusion rules not reloaded; keeping the old ones"),
         }
     }
 

@@ -26,7 +26,70 @@ fn config(cases: u32) -> ProptestConfig {
     }
 }
 
-fn run_sequence(mut m: TestMount, seq: &[Op]) -> Result<(), TestCaseError> {
+fn run_sequence(m: TestMount, seq: &[Op]) -> Result<(), TestCaseError> {
+    run_sequence_excluding(m, seq, &[])
+}
+
+/// Exclusions for the model: `d/**` keeps `d` and excludes what is in it (a
+/// rename of `d` moves its contents across the boundary), `e` excludes `e`
+/// and everything beneath it, and `b` at any depth.
+const EXCLUDED: &[&str] = &["d/**", "e", "b"];
+
+/// The included part of `dir`: a copy with every excluded path removed (hard
+/// links within the copy are kept, so link counts are those a replica can see).
+fn included_copy(dir: &std::path::Path, patterns: &[&str]) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().expect("copy dir");
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", dir.display()))
+        .arg(copy.path())
+        .status()
+        .expect("cp");
+    assert!(ok.success());
+    let ex = replicafs::journal::exclude::Exclusions::new(
+        &patterns.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+    )
+    .expect("exclusions");
+    fn prune(ex: &replicafs::journal::exclude::Exclusions, root: &std::path::Path, rel: &str) {
+        let here = if rel.is_empty() {
+            root.to_owned()
+        } else {
+            root.join(rel)
+        };
+        for e in std::fs::read_dir(&here).expect("list").flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if rel.is_empty() && name == ".replicafs" {
+                continue;
+            }
+            let r = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let is_dir = e.file_type().expect("type").is_dir();
+            if ex.is_excluded(r.as_bytes()) {
+                if is_dir {
+                    std::fs::remove_dir_all(e.path()).expect("prune dir");
+                } else {
+                    std::fs::remove_file(e.path()).expect("prune file");
+                }
+            } else if is_dir {
+                prune(ex, root, &r);
+            }
+        }
+    }
+    prune(&ex, copy.path(), "");
+    copy
+}
+
+/// As `run_sequence`, with exclusion rules: the mount must still behave as a
+/// plain directory, and the journal replay must give the included part of
+/// the backing dir (what a replica holds).
+fn run_sequence_excluding(
+    mut m: TestMount,
+    seq: &[Op],
+    excluded: &[&str],
+) -> Result<(), TestCaseError> {
     let plain = tempfile::tempdir().expect("plain dir");
     let mut mount_side = Actor::new(&m.mnt);
     let mut plain_side = Actor::new(plain.path());
@@ -71,7 +134,8 @@ fn run_sequence(mut m: TestMount, seq: &[Op]) -> Result<(), TestCaseError> {
     m.unmount();
     let replayed = tempfile::tempdir().expect("replay dir");
     common::replay_journal(&m.backing.join(".replicafs"), replayed.path(), u64::MAX);
-    let diffs = common::compare_trees(&m.backing, replayed.path());
+    let expected = included_copy(&m.backing, excluded);
+    let diffs = common::compare_trees(expected.path(), replayed.path());
     prop_assert!(
         diffs.is_empty(),
         "backing vs journal replay:\n  {}",
@@ -99,6 +163,203 @@ proptest! {
         let m = TestMount::with_options(|o| o.fuse.writeback_cache = false);
         run_sequence(m, &seq)?;
     }
+}
+
+proptest! {
+    #![proptest_config(config(cases(60)))]
+
+    /// With exclusions set, the journal replays to the included part of the
+    /// backing dir: renames and links across the boundary carry their
+    /// subtrees, and a hard-linked file with any included name is journaled.
+    #[test]
+    fn journal_with_exclusions_replays_the_included_part(seq in ops(60)) {
+        let m = TestMount::with_options(|o| {
+            o.exclude = EXCLUDED.iter().map(|s| s.to_string()).collect()
+        });
+        run_sequence_excluding(m, &seq, EXCLUDED)?;
+    }
+}
+
+fn excluding(seq: &[Op]) {
+    let m =
+        TestMount::with_options(|o| o.exclude = EXCLUDED.iter().map(|s| s.to_string()).collect());
+    if let Err(e) = run_sequence_excluding(m, seq, EXCLUDED) {
+        panic!("{e}");
+    }
+}
+
+/// Fixed cases across the exclusion boundary, from the prelude's tree: `d`
+/// (included, its contents excluded), `d/f`, `e` (excluded), files `a` and
+/// `d/a`, `d/b` a hard link to `a`, `c` a symlink to `d/a`. Names: 0 = a,
+/// 2 = c, 3 = d, 4 = e, 5 = d/a, 8 = d/f/a, 9 = e/a.
+#[test]
+fn exclusion_boundary_cases() {
+    use common::model::WriteMode;
+    let w = |path, byte| Op::Write {
+        path,
+        offset: 10,
+        len: 100,
+        byte,
+        mode: WriteMode::Plain,
+    };
+    let create = |path| Op::Create {
+        path,
+        mode: 0o644,
+        excl: false,
+    };
+    let mv = |from, to| Op::Rename { from, to, flags: 0 };
+    // A directory whose contents are excluded, renamed to an included name:
+    // its contents enter (d/b, a link to a, stays a link).
+    excluding(&[
+        create(8),
+        w(8, 2),
+        Op::Unlink { path: 2 },
+        mv(3, 2),
+        w(0, 3),
+    ]);
+    // A hard-linked file out and back in.
+    excluding(&[Op::Unlink { path: 2 }, mv(0, 9), w(9, 1), mv(9, 2), w(2, 4)]);
+    // A directory in, out, written while out, and in again.
+    excluding(&[
+        Op::Unlink { path: 2 },
+        create(9),
+        w(9, 1),
+        mv(4, 2),
+        mv(2, 4),
+        w(9, 2),
+        mv(4, 2),
+    ]);
+    // A link into the excluded area, then a rename of it out again.
+    excluding(&[
+        create(2),
+        Op::Link { from: 2, to: 9 },
+        mv(9, 5),
+        w(5, 7),
+        mv(5, 0),
+        w(0, 8),
+    ]);
+    // The excluded name is the only one left; a new included link to it.
+    excluding(&[
+        create(9),
+        w(9, 1),
+        Op::Unlink { path: 2 },
+        Op::Link { from: 9, to: 2 },
+        w(9, 2),
+        Op::Unlink { path: 2 },
+        w(9, 3),
+        Op::Link { from: 9, to: 2 },
+    ]);
+    // Exchange across the boundary, both ways (a dir with a file).
+    excluding(&[
+        create(9),
+        w(9, 1),
+        Op::Rename {
+            from: 4,
+            to: 0,
+            flags: libc::RENAME_EXCHANGE,
+        },
+        w(4, 3),
+        Op::Rename {
+            from: 0,
+            to: 4,
+            flags: libc::RENAME_EXCHANGE,
+        },
+    ]);
+}
+
+/// Offsets past 4 GiB and past 2^40 (sparse files): through the mount, in the
+/// backing dir, and in every journal prefix replayed.
+#[test]
+fn large_offsets_once() {
+    use common::model::WriteMode;
+    let big = |offset: u64, byte| Op::Write {
+        path: 0,
+        offset,
+        len: 5000,
+        byte,
+        mode: WriteMode::Plain,
+    };
+    let seq = vec![
+        Op::Create {
+            path: 0,
+            mode: 0o644,
+            excl: false,
+        },
+        big((4 << 30) - 100, 1),
+        big((5 << 30) + 7, 2),
+        big((1 << 40) + 4097, 3),
+        Op::Read {
+            path: 0,
+            offset: (1 << 40) + 4000,
+            len: 6000,
+        },
+        Op::PunchHole {
+            path: 0,
+            offset: (5 << 30) + 4096,
+            len: 4096,
+        },
+        Op::ZeroRange {
+            path: 0,
+            offset: (1 << 40) + 5000,
+            len: 100,
+            keep_size: true,
+        },
+        Op::Truncate {
+            path: 0,
+            size: (1 << 40) + 6000,
+        },
+        Op::Rename {
+            from: 0,
+            to: 2,
+            flags: 0,
+        },
+        Op::Mkdir {
+            path: 4,
+            mode: 0o755,
+        },
+        Op::Rename {
+            from: 2,
+            to: 9,
+            flags: 0,
+        },
+    ];
+    if let Err(e) = run_sequence(TestMount::new(), &seq) {
+        panic!("{e}");
+    }
+    if let Err(e) = run_prefixes(&seq) {
+        panic!("{e}");
+    }
+    // A large sparse file entering replication is sent by its data extents.
+    excluding(&[
+        Op::Mkdir {
+            path: 4,
+            mode: 0o755,
+        },
+        Op::Create {
+            path: 9,
+            mode: 0o644,
+            excl: false,
+        },
+        Op::Write {
+            path: 9,
+            offset: (1 << 40) + 4097,
+            len: 5000,
+            byte: 4,
+            mode: WriteMode::Plain,
+        },
+        Op::Write {
+            path: 9,
+            offset: 5 << 30,
+            len: 3000,
+            byte: 5,
+            mode: WriteMode::Plain,
+        },
+        Op::Rename {
+            from: 4,
+            to: 0,
+            flags: 0,
+        },
+    ]);
 }
 
 /// A fixed sequence that touches every operation kind once, so a broken

@@ -527,6 +527,103 @@ impl Applier {
     }
 }
 
+/// Regular files opened for data during one apply run, by path, so a run
+/// opens each file once. Valid only while no namespace record is applied (a
+/// rename or unlink changes what a path names): the caller clears it first.
+#[derive(Default)]
+pub struct OpenFiles {
+    files: std::collections::HashMap<Vec<u8>, std::fs::File>,
+}
+
+impl OpenFiles {
+    /// Most files kept open at once.
+    pub const MAX: usize = 256;
+
+    pub fn clear(&mut self) {
+        self.files.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
+impl Applier {
+    /// The file a data record at `path` writes, opened (with the checks of
+    /// every data op) once per run and kept in `files`.
+    pub fn data_file<'a>(
+        &self,
+        files: &'a mut OpenFiles,
+        path: &[u8],
+    ) -> io::Result<&'a std::fs::File> {
+        // Bounded: a run over many files must not run out of descriptors.
+        if files.files.len() >= OpenFiles::MAX && !files.files.contains_key(path) {
+            files.files.clear();
+        }
+        match files.files.entry(path.to_vec()) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(self.open_file(path)?)),
+        }
+    }
+}
+
+/// Writes `bufs` back to back at `offset` of `f` with pwritev, in groups of
+/// at most IOV_MAX buffers, finishing short writes. No byte is copied.
+pub fn write_all_vectored_at(f: &std::fs::File, mut offset: u64, bufs: &[&[u8]]) -> io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    let (mut i, mut skip) = (0usize, 0usize);
+    while i < bufs.len() {
+        if bufs[i].len() == skip {
+            i += 1;
+            skip = 0;
+            continue;
+        }
+        let iov: Vec<libc::iovec> = bufs[i..bufs.len().min(i + IOV_MAX)]
+            .iter()
+            .enumerate()
+            .map(|(k, b)| {
+                let b = if k == 0 { &b[skip..] } else { b };
+                libc::iovec {
+                    iov_base: b.as_ptr() as *mut libc::c_void,
+                    iov_len: b.len(),
+                }
+            })
+            .collect();
+        let off = i64::try_from(offset)
+            .map_err(|_| refused(format!("offset {offset} is beyond the largest file offset")))?;
+        // SAFETY: the iovecs point into live slices for the length given.
+        let n = unsafe { libc::pwritev(f.as_raw_fd(), iov.as_ptr(), iov.len() as i32, off) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut n = n as usize;
+        offset += n as u64;
+        while n > 0 {
+            let left = bufs[i].len() - skip;
+            if n >= left {
+                n -= left;
+                i += 1;
+                skip = 0;
+            } else {
+                skip += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 struct ProcPath {
     _fd: OwnedFd,
     path: CString,
@@ -548,6 +645,24 @@ mod tests {
             op,
             data: data.to_vec(),
         }
+    }
+
+    /// More buffers than one pwritev takes, empty ones among them: the file
+    /// holds exactly their concatenation at the offset.
+    #[test]
+    fn vectored_write_writes_every_buffer_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"head").unwrap();
+        let bufs: Vec<Vec<u8>> = (0..3000u32)
+            .map(|i| vec![(i % 256) as u8; (i % 7) as usize])
+            .collect();
+        let slices: Vec<&[u8]> = bufs.iter().map(|b| &b[..]).collect();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        write_all_vectored_at(&f, 4, &slices).unwrap();
+        let mut want = b"head".to_vec();
+        want.extend(bufs.concat());
+        assert!(std::fs::read(&path).unwrap() == want);
     }
 
     #[test]

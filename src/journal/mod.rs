@@ -18,7 +18,7 @@ pub mod exclude;
 pub mod record;
 pub mod segment;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -50,6 +50,11 @@ pub struct JournalOptions {
     /// fdatasync the activity log when an extent becomes hot, so that a power
     /// loss cannot hide a write. Default true.
     pub sync_activity_log: bool,
+    /// Memory for sled's page cache of the index. Default 32 MiB.
+    pub index_cache_bytes: u64,
+    /// Most frame bytes queued for the writer; past it writers wait, so
+    /// memory stays bounded when the disk is slower than the guest. Default 64 MiB.
+    pub queue_bytes: u64,
 }
 
 impl Default for JournalOptions {
@@ -60,6 +65,8 @@ impl Default for JournalOptions {
             extent_bytes: 16 << 20,
             activity_slots: 1024,
             sync_activity_log: true,
+            index_cache_bytes: 32 << 20,
+            queue_bytes: 64 << 20,
         }
     }
 }
@@ -80,6 +87,12 @@ impl JournalOptions {
         }
         if self.activity_slots < 16 {
             return Err("journal.activity_slots must be at least 16".into());
+        }
+        if self.index_cache_bytes < (1 << 20) {
+            return Err("journal.index_cache_bytes must be at least 1 MiB".into());
+        }
+        if self.queue_bytes < (1 << 20) {
+            return Err("journal.queue_bytes must be at least 1 MiB".into());
         }
         Ok(())
     }
@@ -207,6 +220,8 @@ pub(crate) struct Faults {
     pub fail_sync: std::sync::atomic::AtomicBool,
     /// Starting a new segment file fails.
     pub fail_roll: std::sync::atomic::AtomicBool,
+    /// The writer waits before each segment write while set (a slow disk).
+    pub stall_write: std::sync::atomic::AtomicBool,
 }
 
 struct Shared {
@@ -215,6 +230,12 @@ struct Shared {
     /// Bumped whenever `written` or `settled` moves (or the writer stops):
     /// wakes the replication sender instead of a polling tick.
     moved: tokio::sync::watch::Sender<()>,
+    /// Frame bytes sent to the writer and not yet handled by it.
+    queued: Mutex<u64>,
+    /// Signalled when the writer handled queued bytes.
+    room: Condvar,
+    /// The writer thread has ended: nobody waits for room any more.
+    stopped: std::sync::atomic::AtomicBool,
     payload_bytes: AtomicU64,
     frame_bytes: AtomicU64,
     #[cfg(test)]
@@ -279,12 +300,12 @@ fn meta_u64(meta: &sled::Tree, key: &str) -> u64 {
 /// Opens the sled index. sled releases its file lock only when its background
 /// flusher has stopped, a moment after the previous owner dropped it (a quick
 /// remount, a test reopening the journal), so a held lock is retried briefly.
-fn open_index(path: &Path) -> Result<sled::Db, JournalError> {
+fn open_index(path: &Path, cache_bytes: u64) -> Result<sled::Db, JournalError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match sled::Config::new()
             .path(path)
-            .cache_capacity(64 << 20)
+            .cache_capacity(cache_bytes)
             .open()
         {
             Ok(db) => return Ok(db),
@@ -315,7 +336,7 @@ impl Journal {
         let dir = journal_dir(state_dir);
         crate::mount::create_private_dir(state_dir)?;
         crate::mount::create_private_dir(&dir)?;
-        let db = open_index(&dir.join("index.sled"))?;
+        let db = open_index(&dir.join("index.sled"), options.index_cache_bytes)?;
         let index = db.open_tree("index")?;
         let meta = db.open_tree("meta")?;
         let dirty = DirtyList::new(db.open_tree("dirty")?);
@@ -335,6 +356,16 @@ impl Journal {
         }
 
         let segments = segment::list_segments(&dir)?;
+        // Every segment but the last (the active one), oldest first.
+        let mut sealed = VecDeque::new();
+        for (first, path) in segments.iter().take(segments.len().saturating_sub(1)) {
+            let len = std::fs::metadata(path)?.len();
+            sealed.push_back(Sealed {
+                first: *first,
+                path: path.clone(),
+                len,
+            });
+        }
         let floor = meta_u64(&meta, "trimmed_through").max(meta_u64(&meta, "dropped_through")) + 1;
         let mut next_seq = floor.max(clean_next.unwrap_or(0)).max(1);
         let active = if let Some((last_first, last_path)) = segments.last().cloned() {
@@ -417,6 +448,9 @@ impl Journal {
             }),
             cond: Condvar::new(),
             moved: tokio::sync::watch::channel(()).0,
+            queued: Mutex::new(0),
+            room: Condvar::new(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
             payload_bytes: AtomicU64::new(0),
             frame_bytes: AtomicU64::new(0),
             #[cfg(test)]
@@ -439,6 +473,8 @@ impl Journal {
             dir_dirty: false,
             unsynced: Vec::new(),
             needs_roll: false,
+            sealed,
+            writeback_error: None,
         };
         let handle = std::thread::Builder::new()
             .name("journal-writer".into())
@@ -488,8 +524,12 @@ impl Journal {
     /// holds the file's mutation lock, so per-file order is seq order.
     pub fn append(&self, op: &Op, data: &[u8]) -> u64 {
         let op_bytes = record::encode_op(op);
+        let frame_len = (record::HEADER_LEN + op_bytes.len() + data.len()) as u64;
+        // Room first, the seq after: a seq handed out is never held up behind
+        // a full queue (the writer writes in seq order).
+        self.wait_for_room(frame_len);
         let seq = self.next_seq.fetch_add(1, Ordering::AcqRel);
-        let mut bytes = Vec::with_capacity(record::HEADER_LEN + op_bytes.len() + data.len());
+        let mut bytes = Vec::with_capacity(frame_len as usize);
         record::encode_frame(seq, &op_bytes, data, &mut bytes);
         self.shared
             .payload_bytes
@@ -503,6 +543,27 @@ impl Journal {
             data_len: data.len() as u32,
         });
         seq
+    }
+
+    /// Waits until `len` more bytes fit in the writer's queue (an empty queue
+    /// takes any frame), then counts them in.
+    fn wait_for_room(&self, len: u64) {
+        let limit = self.options.queue_bytes;
+        let mut q = self.shared.queued.lock().unwrap_or_else(|e| e.into_inner());
+        while *q > 0 && *q + len > limit && !self.shared.stopped.load(Ordering::Acquire) {
+            q = self
+                .shared
+                .room
+                .wait_timeout(q, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *q += len;
+    }
+
+    /// Frame bytes queued for the writer now.
+    pub fn queued_bytes(&self) -> u64 {
+        *self.shared.queued.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The newest seq handed out (0 if none).
@@ -1135,6 +1196,18 @@ struct Writer {
     /// A failed write could not be followed by a new segment: nothing may be
     /// appended to the current one (its seqs would not be consecutive).
     needs_roll: bool,
+    /// Sealed segments, oldest first (kept here, not listed per batch).
+    sealed: VecDeque<Sealed>,
+    /// Writeback failed while dropping segment pages from the page cache:
+    /// the next sync fails with it (fdatasync may not report it again).
+    writeback_error: Option<io::Error>,
+}
+
+/// A sealed segment file.
+struct Sealed {
+    first: u64,
+    path: PathBuf,
+    len: u64,
 }
 
 /// Marks the writer stopped when its thread ends, even by a panic, so that no
@@ -1147,6 +1220,8 @@ impl Drop for StopGuard {
         st.closed = true;
         self.0.cond.notify_all();
         self.0.moved.send_replace(());
+        self.0.stopped.store(true, Ordering::Release);
+        self.0.room.notify_all();
     }
 }
 
@@ -1183,6 +1258,14 @@ impl Writer {
             }
             if let Err(e) = self.write_pending(&mut buf) {
                 self.fail(e);
+            }
+            if let Err(e) = self.segment.shed_cache() {
+                self.writeback_failed(e);
+            }
+            {
+                let mut q = self.shared.queued.lock().unwrap_or_else(|e| e.into_inner());
+                *q = q.saturating_sub(batch_bytes as u64);
+                self.shared.room.notify_all();
             }
             if let Err(e) = self.enforce_cap() {
                 error!(error = %e, "journal cap enforcement failed");
@@ -1296,6 +1379,10 @@ impl Writer {
             return Ok(());
         }
         #[cfg(test)]
+        while self.shared.faults.stall_write.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        #[cfg(test)]
         let injected = self.shared.fault(&self.shared.faults.fail_write);
         #[cfg(not(test))]
         let injected = Ok(());
@@ -1334,7 +1421,10 @@ impl Writer {
     /// EIO) and their regions marked dirty. A failed fsync may have dropped
     /// the dirty pages, so a later successful one proves nothing about them.
     fn sync(&mut self) -> io::Result<()> {
-        let mut result = Ok(());
+        let mut result = match self.writeback_error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
         // Sealed segments first: durability covers every seq up to `written`.
         for f in std::mem::take(&mut self.unsynced) {
             if let Err(e) = self.sync_file(&f) {
@@ -1421,20 +1511,34 @@ impl Writer {
         self.shared.fault(&self.shared.faults.fail_roll)?;
         let next = ActiveSegment::create(&self.dir, self.next_write)?;
         let sealed = std::mem::replace(&mut self.segment, next);
-        self.unsynced.push(sealed.into_file());
+        self.sealed.push_back(Sealed {
+            first: sealed.first_seq,
+            path: sealed.path.clone(),
+            len: sealed.len,
+        });
+        let file = sealed.into_file();
+        // Its pages are not needed in memory any more.
+        if let Err(e) = segment::drop_cached(&file, 0, 0) {
+            self.writeback_failed(e);
+        }
+        self.unsynced.push(file);
         self.dir_dirty = true;
         self.needs_roll = false;
         Ok(())
     }
 
-    fn sealed_segments(&self) -> io::Result<Vec<(u64, u64, std::path::PathBuf)>> {
-        // (first seq, last seq, path) of every segment but the active one.
-        let segs = segment::list_segments(&self.dir)?;
-        let mut out = Vec::new();
-        for w in segs.windows(2) {
-            out.push((w[0].0, w[1].0 - 1, w[0].1.clone()));
-        }
-        Ok(out)
+    fn writeback_failed(&mut self, e: io::Error) {
+        error!(error = %e, "journal segment writeback failed; the next sync fails");
+        self.writeback_error.get_or_insert(e);
+    }
+
+    /// The last seq of the oldest sealed segment (the next one's first - 1).
+    fn oldest_sealed_last(&self) -> Option<u64> {
+        let next_first = match self.sealed.get(1) {
+            Some(s) => s.first,
+            None => self.segment.first_seq,
+        };
+        self.sealed.front().map(|_| next_first - 1)
     }
 
     fn trim(&mut self, through: u64) -> io::Result<()> {
@@ -1454,11 +1558,17 @@ impl Writer {
             }
         }
         self.index.apply_batch(batch).map_err(io::Error::other)?;
-        for (_, last, path) in self.sealed_segments()? {
-            if last <= through {
-                std::fs::remove_file(&path)?;
-                self.dir_dirty = true;
+        while let Some(last) = self.oldest_sealed_last()
+            && last <= through
+        {
+            let path = &self.sealed[0].path;
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
+            self.sealed.pop_front();
+            self.dir_dirty = true;
         }
         self.meta
             .insert("trimmed_through", &through.to_be_bytes())
@@ -1469,21 +1579,12 @@ impl Writer {
     /// Keeps the segments under the cap: the oldest are dropped unreplicated and
     /// everything they touched is marked dirty for the resync.
     fn enforce_cap(&mut self) -> io::Result<()> {
-        let sealed = self.sealed_segments()?;
-        let mut total: u64 = self.segment.len;
-        let mut sizes = Vec::new();
-        for (first, last, path) in &sealed {
-            let len = std::fs::metadata(path)?.len();
-            total += len;
-            sizes.push((*first, *last, path.clone(), len));
-        }
-        if total <= self.options.cap_bytes {
-            return Ok(());
-        }
-        for (_, last, path, len) in sizes {
-            if total <= self.options.cap_bytes {
-                break;
-            }
+        let mut total: u64 = self.segment.len + self.sealed.iter().map(|s| s.len).sum::<u64>();
+        while total > self.options.cap_bytes
+            && let Some(last) = self.oldest_sealed_last()
+        {
+            let path = self.sealed[0].path.clone();
+            let len = self.sealed[0].len;
             // Ops only (payloads skipped).
             let ops = segment::read_ops(&path)?;
             mark_ops_dirty(&self.dirty, ops.into_iter().map(|(_, op, len)| (op, len)));
@@ -1497,6 +1598,7 @@ impl Writer {
                 .insert("dropped_through", &last.to_be_bytes())
                 .map_err(io::Error::other)?;
             std::fs::remove_file(&path)?;
+            self.sealed.pop_front();
             self.dir_dirty = true;
             total -= len;
             warn!(
@@ -1658,6 +1760,79 @@ mod tests {
         assert_eq!(rs.first().unwrap().seq, 31);
         assert_eq!(rs.len(), 11);
         assert!(after.segment_bytes < before.segment_bytes);
+    }
+
+    #[test]
+    fn segments_found_at_open_are_trimmed_and_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), opts()).unwrap();
+        for i in 0..40u64 {
+            j.append(&write_op("f", i << 16), &vec![i as u8; 64 << 10]);
+        }
+        j.close().unwrap();
+        drop(j);
+        let jd = journal_dir(dir.path());
+        let before = segment::list_segments(&jd).unwrap();
+        assert!(before.len() > 2, "{before:?}");
+        let (j, _) = Journal::open(dir.path(), opts()).unwrap();
+        j.trim_through(40);
+        j.append(&write_op("f", 0), b"x");
+        j.sync_through(41).unwrap();
+        // Only the segment that was active at the restart is left.
+        let after = segment::list_segments(&jd).unwrap();
+        assert_eq!(after, before[before.len() - 1..].to_vec());
+    }
+
+    #[test]
+    fn appends_wait_while_the_writer_queue_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 1u64 << 20;
+        let o = JournalOptions {
+            queue_bytes: limit,
+            ..opts()
+        };
+        let (j, _) = Journal::open(dir.path(), o).unwrap();
+        let j = Arc::new(j);
+        // Unstalls the writer however the test ends (closing waits for it).
+        struct Unstall(Arc<Journal>);
+        impl Drop for Unstall {
+            fn drop(&mut self) {
+                self.0.faults().stall_write.store(false, Ordering::Release);
+            }
+        }
+        let _unstall = Unstall(j.clone());
+        j.faults().stall_write.store(true, Ordering::Release);
+        let frame = 256 << 10;
+        let writer = {
+            let j = j.clone();
+            std::thread::spawn(move || {
+                for i in 0..16u64 {
+                    j.append(&write_op("f", i * frame), &vec![1u8; frame as usize]);
+                }
+            })
+        };
+        // Wait until the queue is as full as it may get, then give the
+        // appender time to (wrongly) go past it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while j.queued_bytes() + frame + 100 <= limit {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the queue never filled"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            j.queued_bytes() <= limit,
+            "{} bytes queued",
+            j.queued_bytes()
+        );
+        assert!(j.last_seq() < 16, "every append went through a full queue");
+        j.faults().stall_write.store(false, Ordering::Release);
+        writer.join().unwrap();
+        j.sync_through(16).unwrap();
+        assert_eq!(all(&j).len(), 16);
+        assert_eq!(j.queued_bytes(), 0);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -37,6 +38,48 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Page cache a segment keeps behind its end. The journal writes each byte
+/// once and reads little back (a shipper that keeps up reads the newest
+/// frames), so the rest is written back and dropped: the journal must not fill
+/// the host's page cache, least of all behind an O_DIRECT writer.
+pub const CACHE_WINDOW: u64 = 8 << 20;
+/// Writeback is started in steps of at least this much.
+const WRITEBACK_STEP: u64 = 1 << 20;
+
+fn sync_file_range(file: &File, offset: u64, len: u64, flags: u32) -> io::Result<()> {
+    // SAFETY: a plain syscall on an open descriptor.
+    let r = unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, flags) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes `offset..offset+len` back (len 0: to the end) and drops it from
+/// the page cache. Not a durability step (no metadata, no cache flush); an
+/// error is a writeback error the next fdatasync may no longer report, so the
+/// caller must count it as a failed sync.
+pub fn drop_cached(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    sync_file_range(
+        file,
+        offset,
+        len,
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+    )?;
+    // SAFETY: as above; advice only.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    Ok(())
+}
+
 /// The segment being appended to.
 #[derive(Debug)]
 pub struct ActiveSegment {
@@ -44,6 +87,10 @@ pub struct ActiveSegment {
     pub path: PathBuf,
     file: File,
     pub len: u64,
+    /// Writeback was started for everything before this offset.
+    flushing_to: u64,
+    /// Everything before this offset was dropped from the page cache.
+    dropped_to: u64,
 }
 
 impl ActiveSegment {
@@ -63,6 +110,8 @@ impl ActiveSegment {
             path,
             file,
             len: 0,
+            flushing_to: 0,
+            dropped_to: 0,
         })
     }
 
@@ -77,6 +126,8 @@ impl ActiveSegment {
             path,
             file,
             len: valid_len,
+            flushing_to: 0,
+            dropped_to: 0,
         })
     }
 
@@ -122,6 +173,27 @@ impl ActiveSegment {
         self.file
     }
 
+    /// Starts writeback of what was appended and drops from the page cache
+    /// what lies more than [`CACHE_WINDOW`] behind the end (see [`drop_cached`]
+    /// for what an error means).
+    pub fn shed_cache(&mut self) -> io::Result<()> {
+        if self.len >= self.flushing_to + WRITEBACK_STEP {
+            sync_file_range(
+                &self.file,
+                self.flushing_to,
+                self.len - self.flushing_to,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )?;
+            self.flushing_to = self.len;
+        }
+        let target = self.len.saturating_sub(CACHE_WINDOW) & !(WRITEBACK_STEP - 1);
+        if target > self.dropped_to {
+            drop_cached(&self.file, self.dropped_to, target - self.dropped_to)?;
+            self.dropped_to = target;
+        }
+        Ok(())
+    }
+
     pub fn file(&self) -> &File {
         &self.file
     }
@@ -129,6 +201,8 @@ impl ActiveSegment {
     /// After a failed append: drops whatever part of it reached the file, so
     /// the segment ends with its last whole frame again.
     pub fn cut_to_len(&mut self) -> io::Result<()> {
+        self.flushing_to = self.flushing_to.min(self.len);
+        self.dropped_to = self.dropped_to.min(self.len);
         self.file.set_len(self.len)?;
         self.file.seek(SeekFrom::Start(self.len))?;
         Ok(())

@@ -271,18 +271,22 @@ fn parse_entry(buf: &[u8]) -> Result<(u64, u64, usize), String> {
 }
 
 fn decode_entry(buf: &[u8]) -> Result<(u64, u64, Vec<Record>), String> {
-    let mut dec = frame::Decoder::new();
-    dec.push(buf);
-    match dec.next_message().map_err(|e| e.to_string())? {
-        Some((
-            Message::Batch {
-                first,
-                last,
-                frames,
-                ..
-            },
-            _,
-        )) => Ok((
+    // Decoded in place (an entry is one whole frame): no copy into a decoder.
+    let hb: &[u8; HEADER_LEN] = buf
+        .get(..HEADER_LEN)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("receive-log entry shorter than a frame header")?;
+    let h = frame::parse_header(hb).map_err(|e| e.to_string())?;
+    let body = buf
+        .get(HEADER_LEN..HEADER_LEN + h.len as usize)
+        .ok_or("receive-log entry shorter than its frame")?;
+    match frame::decode_body(&h, body).map_err(|e| e.to_string())? {
+        Message::Batch {
+            first,
+            last,
+            frames,
+            ..
+        } => Ok((
             first,
             last,
             decode_records(&frames).map_err(|e| e.to_string())?,

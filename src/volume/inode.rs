@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, LockResult, Mutex, MutexGuard, RwLock};
 
 use crate::error::{Error, Result};
 
@@ -32,8 +32,9 @@ pub struct Inode {
     pub file_type: u32,
     fd: OwnedFd,
     /// Serialises mutations of this object: "apply to backing + record" happens
-    /// under it, so per-file order is the order of application.
-    pub mutation: std::sync::Mutex<FileState>,
+    /// under it, so per-file order is the order of application (writes to
+    /// disjoint ranges may overlap in time: see [`MutationLock`]).
+    pub mutation: MutationLock,
     /// The seq of the newest record of this object (what its fsync waits for).
     pub last_seq: AtomicU64,
     /// Path relative to the mount root, valid while the volume's namespace
@@ -58,7 +59,114 @@ pub struct PathInfo {
 pub struct FileState {
     /// Activity-log epoch under which `hot_extents` were known hot.
     pub al_epoch: u64,
+    /// The path `hot_extents` were made hot under: after a rename they say
+    /// nothing about the new name, whose extents must be logged afresh (the
+    /// crash-time dirty list must name the file as it is now called).
+    pub hot_path: Option<Arc<[u8]>>,
     pub hot_extents: Vec<u64>,
+    /// Byte ranges [start, end) of writes between their backing pwrite and
+    /// their record, done outside the lock.
+    pub inflight: Vec<(u64, u64)>,
+    /// Exclusive lockers waiting for `inflight` to drain: new writes wait.
+    exclusive_waiting: usize,
+}
+
+/// An inode's mutation lock. [`MutationLock::lock`] is exclusive: it returns
+/// once no write is in flight. A write instead waits only for writes to
+/// overlapping ranges ([`MutationLock::lock_for_write`]), registers its range,
+/// does its pwrite unlocked and records under the lock again: overlapping
+/// writes still reach the backing file in seq order, disjoint ones (a VM's
+/// queue of O_DIRECT writes) run in parallel.
+#[derive(Debug, Default)]
+pub struct MutationLock {
+    state: Mutex<FileState>,
+    cond: Condvar,
+}
+
+impl MutationLock {
+    fn guard(&self) -> MutexGuard<'_, FileState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, FileState>) -> MutexGuard<'a, FileState> {
+        self.cond.wait(g).unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Exclusive: waits until no write is in flight.
+    pub fn lock(&self) -> LockResult<MutexGuard<'_, FileState>> {
+        let mut g = self.guard();
+        if !g.inflight.is_empty() {
+            g.exclusive_waiting += 1;
+            while !g.inflight.is_empty() {
+                g = self.wait(g);
+            }
+            g.exclusive_waiting -= 1;
+        }
+        Ok(g)
+    }
+
+    /// For a write of `start..end`: waits until no write to an overlapping
+    /// range is in flight (and no exclusive locker waits).
+    pub fn lock_for_write(&self, start: u64, end: u64) -> MutexGuard<'_, FileState> {
+        let mut g = self.guard();
+        while g.exclusive_waiting > 0 || g.inflight.iter().any(|&(s, e)| s < end && start < e) {
+            g = self.wait(g);
+        }
+        g
+    }
+
+    /// Takes the lock back after an unlocked pwrite, without waiting for
+    /// other writes, and ends the write's flight when the returned guard is
+    /// done with (see [`InFlight::finish`]).
+    pub fn begin_flight(
+        &self,
+        mut g: MutexGuard<'_, FileState>,
+        start: u64,
+        end: u64,
+    ) -> InFlight<'_> {
+        g.inflight.push((start, end));
+        drop(g);
+        InFlight {
+            lock: self,
+            range: (start, end),
+            done: false,
+        }
+    }
+}
+
+/// A write's range registered in flight; dropping it unregisters it.
+pub struct InFlight<'a> {
+    lock: &'a MutationLock,
+    range: (u64, u64),
+    done: bool,
+}
+
+impl<'a> InFlight<'a> {
+    /// Locks again (no waiting for other writes) and unregisters the range;
+    /// the caller records under the returned guard, then drops it.
+    pub fn finish(mut self) -> MutexGuard<'a, FileState> {
+        self.done = true;
+        let mut g = self.lock.guard();
+        remove_range(&mut g, self.range);
+        self.lock.cond.notify_all();
+        g
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut g = self.lock.guard();
+            remove_range(&mut g, self.range);
+            self.lock.cond.notify_all();
+        }
+    }
+}
+
+fn remove_range(g: &mut FileState, range: (u64, u64)) {
+    if let Some(i) = g.inflight.iter().position(|r| *r == range) {
+        g.inflight.swap_remove(i);
+    }
 }
 
 impl Inode {
@@ -72,6 +180,15 @@ impl Inode {
 
     pub fn is_symlink(&self) -> bool {
         self.file_type == libc::S_IFLNK
+    }
+
+    /// Remembers another name's O_PATH fd (the oldest goes beyond a few).
+    pub fn add_alias(&self, fd: OwnedFd) {
+        let mut aliases = self.aliases.lock().unwrap_or_else(|e| e.into_inner());
+        if aliases.len() >= MAX_ALIASES {
+            aliases.remove(0);
+        }
+        aliases.push(fd);
     }
 }
 
@@ -206,5 +323,61 @@ impl InodeTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    const LONG: Duration = Duration::from_secs(20);
+
+    /// Runs `f` on a thread; its end is reported on the returned channel.
+    fn spawn(lock: &Arc<MutationLock>, f: fn(&MutationLock)) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel();
+        let lock = lock.clone();
+        std::thread::spawn(move || {
+            f(&lock);
+            let _ = tx.send(());
+        });
+        rx
+    }
+
+    #[test]
+    fn a_write_to_a_disjoint_range_does_not_wait() {
+        let lock = Arc::new(MutationLock::default());
+        let flight = lock.begin_flight(lock.lock_for_write(0, 10), 0, 10);
+        let done = spawn(&lock, |l| drop(l.lock_for_write(10, 20)));
+        assert!(done.recv_timeout(LONG).is_ok(), "a disjoint write waited");
+        drop(flight.finish());
+    }
+
+    #[test]
+    fn a_write_to_an_overlapping_range_waits_for_the_record() {
+        let lock = Arc::new(MutationLock::default());
+        let flight = lock.begin_flight(lock.lock_for_write(0, 10), 0, 10);
+        let done = spawn(&lock, |l| drop(l.lock_for_write(9, 20)));
+        assert!(
+            done.recv_timeout(Duration::from_millis(300)).is_err(),
+            "an overlapping write went ahead of the one in flight"
+        );
+        drop(flight.finish());
+        assert!(done.recv_timeout(LONG).is_ok());
+    }
+
+    #[test]
+    fn an_exclusive_lock_waits_for_writes_in_flight() {
+        let lock = Arc::new(MutationLock::default());
+        let flight = lock.begin_flight(lock.lock_for_write(100, 200), 100, 200);
+        let done = spawn(&lock, |l| drop(l.lock()));
+        assert!(
+            done.recv_timeout(Duration::from_millis(300)).is_err(),
+            "an exclusive lock was taken while a write was in flight"
+        );
+        drop(flight);
+        assert!(done.recv_timeout(LONG).is_ok());
+        assert!(lock.lock().unwrap().inflight.is_empty());
     }
 }

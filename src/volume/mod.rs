@@ -2,6 +2,7 @@
 //! directory. Knows nothing of fuser; `fuse.rs` adapts kernel requests to it and
 //! tests drive it directly.
 
+pub mod boundary;
 pub mod handle;
 pub mod inode;
 pub mod recorder;
@@ -169,6 +170,19 @@ impl Volume {
 
     pub fn recorder(&self) -> Option<&Recorder> {
         self.recorder.as_ref()
+    }
+
+    /// New exclusion rules (SIGHUP): replicas get what they newly include
+    /// and lose what they newly exclude. The hidden state dir is never walked.
+    pub fn set_exclusions(&self, ex: crate::journal::exclude::Exclusions) {
+        let Some(r) = &self.recorder else { return };
+        let hidden = self
+            .options
+            .hidden_dir
+            .as_ref()
+            .and_then(|d| d.strip_prefix(&self.backing).ok())
+            .map(|p| p.as_os_str().as_bytes().to_vec());
+        r.set_exclusions(ex, &|rel| Some(rel) == hidden.as_deref());
     }
 
     pub fn backing_dir(&self) -> &Path {
@@ -484,7 +498,7 @@ impl Volume {
                     r.record(Some(&inode), &op, &[]);
                 }
                 // A journaled name for content the replica does not have.
-                _ if !new.excluded => r.mark_whole_dirty(&new.rel),
+                _ if !new.excluded => r.send_tree(&new.rel),
                 _ => {}
             }
         }
@@ -544,10 +558,13 @@ impl Volume {
         let _ns = rec.map(|r| r.namespace_lock());
         self.guard_state_dir(&parent, &old)?;
         self.guard_state_dir(&new_parent, &new)?;
-        let src_is_dir = sys::fstatat(parent.fd(), &old)
-            .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
-            .unwrap_or(false);
-        let dst_existed = sys::fstatat(new_parent.fd(), &new).is_ok();
+        let is_dir = |dir: &Inode, name: &CString| {
+            sys::fstatat(dir.fd(), name)
+                .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+                .ok()
+        };
+        let src_is_dir = is_dir(&parent, &old).unwrap_or(false);
+        let dst_was = is_dir(&new_parent, &new);
         sys::renameat2(parent.fd(), &old, new_parent.fd(), &new, flags)?;
         let Some(r) = rec else { return Ok(()) };
         let (Some(from), Some(to)) = (
@@ -556,15 +573,7 @@ impl Volume {
         ) else {
             return Ok(());
         };
-        let remove = |path: &[u8], is_dir: bool| {
-            let path = path.to_vec();
-            let op = if is_dir {
-                Op::RemoveTree { path }
-            } else {
-                Op::Unlink { path }
-            };
-            r.record(None, &op, &[]);
-        };
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
         match (from.excluded, to.excluded) {
             (false, false) => {
                 let op = Op::Rename {
@@ -574,35 +583,31 @@ impl Volume {
                 };
                 r.record(None, &op, &[]);
                 r.follow_rename(&from.rel, &to.rel, flags);
+                // Names inside a moved directory may cross the boundary.
+                if src_is_dir {
+                    r.settle_moved_tree(&from.rel, &to.rel);
+                }
+                if exchange && dst_was == Some(true) {
+                    r.settle_moved_tree(&to.rel, &from.rel);
+                }
             }
             (true, true) => {}
-            // Exchanging across the boundary: both names change content the
-            // replica cannot derive; the resync settles them.
-            _ if flags & libc::RENAME_EXCHANGE != 0 => {
-                for side in [&from, &to] {
-                    if !side.excluded {
-                        r.mark_whole_dirty(&side.rel);
-                    }
+            // Leaving replication: the replica drops the old name (and what
+            // is beneath it).
+            (false, true) => {
+                r.record_removal(&from.rel, src_is_dir);
+                if exchange {
+                    // What was excluded at `to` is replicated at `from` now.
+                    r.send_tree(&from.rel);
                 }
             }
-            // Leaving replication: the replica drops the old name.
-            (false, true) => remove(&from.rel, src_is_dir),
-            // Entering replication: whatever the replica had there is replaced by
-            // content it never saw, so it is removed and the path resynced whole.
+            // Entering replication: whatever the replica had there is replaced
+            // by the object and its subtree, sent whole.
             (true, false) => {
-                if dst_existed {
-                    remove(&to.rel, src_is_dir);
+                if let Some(was_dir) = dst_was {
+                    r.record_removal(&to.rel, was_dir);
                 }
-                // The name exists on the replica from here on (so later records
-                // apply); its content comes with the resync.
-                if let Ok(fd) =
-                    sys::openat(new_parent.fd(), &new, libc::O_PATH | libc::O_NOFOLLOW, 0)
-                    && let Ok(st) = sys::fstat(fd.as_fd())
-                    && let Ok(op) = creation_op(to.rel.to_vec(), &st, fd.as_fd())
-                {
-                    r.record(None, &op, &[]);
-                }
-                r.mark_whole_dirty(&to.rel);
+                r.send_tree(&to.rel);
             }
         }
         Ok(())
@@ -671,10 +676,16 @@ impl Volume {
     }
 
     fn register_file(&self, inode: Arc<Inode>, fd: OwnedFd, flags: i32) -> Opened {
+        let direct = (flags & libc::O_DIRECT != 0)
+            .then(|| direct_reopen(&fd, self.backing_flags(flags)))
+            .flatten();
         let file = File::from(fd);
-        let fh = self
-            .handles
-            .insert(Handle::File(Arc::new(OpenFile { inode, file, flags })));
+        let fh = self.handles.insert(Handle::File(Arc::new(OpenFile {
+            inode,
+            file,
+            direct,
+            flags,
+        })));
         Opened {
             fh,
             direct_io: flags & libc::O_DIRECT != 0,
@@ -774,18 +785,7 @@ impl Volume {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let f = self.handles.file(fh)?;
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            let n = sys::pread(f.file.as_raw_fd(), &mut buf[done..], offset + done as u64)?;
-            if n == 0 {
-                break;
-            }
-            done += n;
-        }
-        buf.truncate(done);
-        Ok(buf)
+        self.handles.file(fh)?.read_at(offset, size)
     }
 
     /// Writes `data` at `offset`. `kill_suidgid`: the writer lacks CAP_FSETID, so
@@ -797,7 +797,8 @@ impl Volume {
         let len = u32::try_from(data.len()).map_err(|_| Error::EINVAL)?;
         let rec = self.recorder.as_ref();
         let ns = rec.map(|r| r.data_lock());
-        let mut state = f.inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
+        let end = offset.saturating_add(data.len() as u64);
+        let mut state = f.inode.mutation.lock_for_write(offset, end);
         let path = rec.and_then(|r| r.journaled_path(&f.inode));
         if kill_suidgid {
             self.kill_suidgid(&f.inode, path.as_deref())?;
@@ -806,14 +807,11 @@ impl Volume {
         if let (Some(r), Some(p)) = (rec, &path) {
             overfull = r.ensure_hot(&mut state, p, offset, data.len() as u64);
         }
-        let mut done = 0;
-        while done < data.len() {
-            let n = sys::pwrite(f.file.as_raw_fd(), &data[done..], offset + done as u64)?;
-            if n == 0 {
-                return Err(Error::EIO);
-            }
-            done += n;
-        }
+        // The pwrite runs unlocked; overlapping writes wait for its record.
+        let flight = f.inode.mutation.begin_flight(state, offset, end);
+        let written = f.write_all_at(data, offset);
+        let state = flight.finish();
+        written?;
         let seq = match (rec, &path) {
             (Some(r), Some(p)) => Some(r.record(
                 Some(&f.inode),
@@ -1211,6 +1209,21 @@ impl Volume {
             r.record(Some(&inode), &op, &[]);
         }
         Ok(())
+    }
+}
+
+/// A second descriptor of an opened backing file, with O_DIRECT, for a caller
+/// that opened with O_DIRECT. None where the backing filesystem refuses
+/// O_DIRECT (tmpfs): that caller is then served through the page cache.
+fn direct_reopen(fd: &OwnedFd, backing_flags: i32) -> Option<File> {
+    let keep = libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC;
+    let flags = (backing_flags & keep) | libc::O_DIRECT;
+    match sys::open_path(&sys::proc_path(fd.as_raw_fd()), flags) {
+        Ok(d) => Some(File::from(d)),
+        Err(e) => {
+            tracing::debug!(error = %e, "backing O_DIRECT open refused; buffered I/O for this handle");
+            None
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! the mutation happened, and for any file, journal order is application order.
 
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStringExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -38,6 +39,7 @@ pub struct Recorder {
     /// The backing dir as the kernel prints it in /proc/self/fd links, with a
     /// trailing '/'.
     prefix: Vec<u8>,
+    backing: std::path::PathBuf,
 }
 
 impl Recorder {
@@ -57,6 +59,7 @@ impl Recorder {
             namespace: RwLock::new(()),
             generation: AtomicU64::new(1),
             prefix,
+            backing: backing.to_owned(),
         }
     }
 
@@ -87,10 +90,18 @@ impl Recorder {
             .clone()
     }
 
-    /// New rules (SIGHUP). Takes effect for every mutation that starts afterwards.
-    pub fn set_exclusions(&self, ex: Exclusions) {
+    /// New rules (SIGHUP). Takes effect for every mutation that starts
+    /// afterwards; paths the change moves across the boundary are sent to or
+    /// removed from replicas first (see [`Recorder::settle_new_rules`]), with
+    /// no mutation in between. `skip` names a path never to walk into.
+    pub fn set_exclusions(&self, ex: Exclusions, skip: &dyn Fn(&[u8]) -> bool) {
         let _ns = self.namespace_lock();
-        *self.exclusions.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ex);
+        let old = std::mem::replace(
+            &mut *self.exclusions.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(ex),
+        );
+        let new = self.exclusions();
+        self.settle_new_rules(&old, &new, b"", skip);
     }
 
     fn resolve(&self, inode: &Inode) -> Option<PathInfo> {
@@ -105,25 +116,83 @@ impl Recorder {
         if st.st_nlink == 0 {
             return None;
         }
-        let rel = self.name_of(inode, inode.fd()).or_else(|| {
+        let ex = self.exclusions();
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        let mut consider = |n: Option<Vec<u8>>| {
+            if let Some(n) = n
+                && !names.contains(&n)
+            {
+                names.push(n);
+            }
+        };
+        consider(self.name_of(inode, inode.fd()));
+        {
             let aliases = inode.aliases.lock().unwrap_or_else(|e| e.into_inner());
-            aliases
-                .iter()
-                .rev()
-                .find_map(|fd| self.name_of(inode, fd.as_fd()))
-        });
-        let Some(rel) = rel else {
-            warn!(
+            for fd in aliases.iter().rev() {
+                consider(self.name_of(inode, fd.as_fd()));
+            }
+        }
+        // Exclusion is decided per object: one with any included name is
+        // replicated, whichever name it is reached by.
+        if let Some(n) = names.iter().find(|n| !ex.is_excluded(n)) {
+            return Some(PathInfo {
+                rel: Arc::from(n.as_slice()),
+                excluded: false,
+            });
+        }
+        // Every known name is excluded, or none is current any more (all were
+        // removed while another hard link survives): the other links are
+        // found by a bounded search of the backing dir.
+        if !inode.is_dir() && (names.is_empty() || st.st_nlink as usize > names.len()) {
+            let found = find_names(&self.backing, inode.key, st.st_nlink as usize, |n| {
+                !ex.is_excluded(n)
+            });
+            for n in found {
+                if names.contains(&n) {
+                    continue;
+                }
+                // Remembered, so the next lookup of the path needs no search.
+                if let Ok(c) = std::ffi::CString::new(self.abs(&n).into_os_string().into_vec())
+                    && let Ok(fd) = super::sys::open_path(&c, libc::O_PATH | libc::O_NOFOLLOW)
+                {
+                    inode.add_alias(fd);
+                }
+                names.push(n);
+            }
+            if let Some(n) = names.iter().find(|n| !ex.is_excluded(n)) {
+                return Some(PathInfo {
+                    rel: Arc::from(n.as_slice()),
+                    excluded: false,
+                });
+            }
+        }
+        let Some(rel) = names.into_iter().next() else {
+            // The search gave up (its bound) or the object is outside the
+            // tree. Its changes cannot be named, so the whole volume is
+            // marked for resync: a dirty entry that is no regular file makes
+            // the peers behind it take a snapshot.
+            error!(
                 ino = inode.ino,
-                "no current name for a linked object; its changes are not journaled"
+                "no name found for a linked object; marking the volume for a full resync"
             );
+            if !inode.is_dir() {
+                self.mark_whole_dirty(b"");
+            }
             return None;
         };
-        let excluded = self.exclusions().is_excluded(&rel);
         Some(PathInfo {
             rel: Arc::from(rel),
-            excluded,
+            excluded: true,
         })
+    }
+
+    /// The backing path of `rel`.
+    pub fn abs(&self, rel: &[u8]) -> std::path::PathBuf {
+        use std::os::unix::ffi::OsStrExt;
+        if rel.is_empty() {
+            return self.backing.clone();
+        }
+        self.backing.join(std::ffi::OsStr::from_bytes(rel))
     }
 
     /// The path (relative to the backing dir) the kernel gives `fd`, if it still
@@ -179,8 +248,9 @@ impl Recorder {
     /// needs a retirement pass (see [`Recorder::retire_cold`]).
     pub fn ensure_hot(&self, state: &mut FileState, path: &[u8], offset: u64, len: u64) -> bool {
         let epoch = self.journal.activity_epoch();
-        if state.al_epoch != epoch {
+        if state.al_epoch != epoch || state.hot_path.as_deref() != Some(path) {
             state.al_epoch = epoch;
+            state.hot_path = Some(Arc::from(path));
             state.hot_extents.clear();
         }
         let (first, last) = self.journal.extent_range(offset, len);
@@ -254,4 +324,72 @@ impl Recorder {
             len: crate::journal::dirty::WHOLE_FILE,
         });
     }
+}
+
+/// Most directory entries one search for an object's names reads: a bound on
+/// the time a write can wait for it.
+const MAX_SEARCH: usize = 200_000;
+
+/// Up to `want` paths (relative to `root`) naming the non-directory object
+/// `key`, found by walking the tree under `root` without leaving its
+/// filesystem; stops early at a name `enough` accepts.
+pub fn find_names(
+    root: &std::path::Path,
+    key: super::inode::BackingKey,
+    want: usize,
+    enough: impl Fn(&[u8]) -> bool,
+) -> Vec<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{DirEntryExt, MetadataExt};
+    let mut found = Vec::new();
+    let mut stack: Vec<Vec<u8>> = vec![Vec::new()];
+    let mut read = 0usize;
+    while let Some(dir) = stack.pop() {
+        let abs = if dir.is_empty() {
+            root.to_owned()
+        } else {
+            root.join(std::ffi::OsStr::from_bytes(&dir))
+        };
+        let Ok(entries) = std::fs::read_dir(&abs) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            read += 1;
+            if read > MAX_SEARCH {
+                warn!(
+                    entries = MAX_SEARCH,
+                    "search for an object's other names stopped at its bound"
+                );
+                return found;
+            }
+            let mut rel = dir.clone();
+            if !rel.is_empty() {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(entry.file_name().as_bytes());
+            let Ok(ft) = entry.file_type() else { continue };
+            if ft.is_dir() {
+                // Never into another filesystem (a mount inside the backing dir).
+                if let Ok(m) = std::fs::symlink_metadata(entry.path())
+                    && m.dev() == key.0
+                {
+                    stack.push(rel);
+                }
+                continue;
+            }
+            if entry.ino() != key.1 {
+                continue;
+            }
+            if let Ok(m) = std::fs::symlink_metadata(entry.path())
+                && (m.dev(), m.ino()) == key
+            {
+                let stop = enough(&rel);
+                found.push(rel);
+                if stop || found.len() >= want {
+                    return found;
+                }
+            }
+        }
+    }
+    found
 }

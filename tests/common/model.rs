@@ -548,12 +548,16 @@ fn slot() -> impl Strategy<Value = usize> {
     0..SLOTS
 }
 
-/// Offsets: mostly near the start (overlaps), sometimes far past the end (holes).
+/// Offsets: mostly near the start (overlaps), sometimes far past the end
+/// (holes), now and then past 4 GiB and past 2^40 (VM images are large; an
+/// offset cut to 32 bits must show).
 fn offset() -> impl Strategy<Value = u64> {
     prop_oneof![
-        4 => 0u64..16_384,
-        2 => 0u64..262_144,
-        1 => 0u64..4_194_304,
+        8 => 0u64..16_384,
+        4 => 0u64..262_144,
+        2 => 0u64..4_194_304,
+        1 => (5u64 << 30)..(5u64 << 30) + 65_536,
+        1 => (1u64 << 40)..(1u64 << 40) + 65_536,
     ]
 }
 
