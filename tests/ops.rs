@@ -2247,10 +2247,54 @@ fn shared_mmap_writes_reach_backing() {
         .unwrap()
         .set_len(len as u64)
         .unwrap();
+    // The mapping lives in a child process. The daemon runs in this one, and
+    // a munmap here would hold this process's mmap lock while it waits for
+    // writeback that a daemon thread can only serve after taking that lock
+    // itself (a page fault, or malloc growing its heap): a deadlock that only
+    // an in-process server has.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "shared_mmap_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("OPS_MMAP_CHILD", m.path("mapped"))
+        .env("OPS_MMAP_BACKING", m.backing_path("mapped"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mmap child failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("mmap child done"),
+        "the mmap child did not run: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let on_disk = fs::read(m.backing_path("mapped")).unwrap();
+    assert_eq!(&on_disk[4096..4101], b"hello");
+    assert_eq!(&on_disk[len - 3..], b"end");
+    assert_eq!(&on_disk[8192..8197], b"WORLD");
+}
+
+/// The mapping half of `shared_mmap_writes_reach_backing`, run in a child
+/// process; a no-op when run directly.
+#[test]
+fn shared_mmap_child() {
+    let (Some(path), Some(backing)) = (
+        std::env::var_os("OPS_MMAP_CHILD"),
+        std::env::var_os("OPS_MMAP_BACKING"),
+    ) else {
+        return;
+    };
+    let len = 1 << 20;
     let f = OpenOptions::new()
         .read(true)
         .write(true)
-        .open(m.path("mapped"))
+        .open(&path)
         .unwrap();
     // SAFETY: mapping a file we hold open, of the length it has; unmapped below.
     let p = unsafe {
@@ -2270,7 +2314,7 @@ fn shared_mmap_writes_reach_backing() {
     map[len - 3..].copy_from_slice(b"end");
     // SAFETY: p/len as mapped.
     check(unsafe { libc::msync(p, len, libc::MS_SYNC) } as i64).unwrap();
-    let on_disk = fs::read(m.backing_path("mapped")).unwrap();
+    let on_disk = fs::read(&backing).unwrap();
     assert_eq!(&on_disk[4096..4101], b"hello");
     assert_eq!(&on_disk[len - 3..], b"end");
     // Reads through the file see the mapping's writes and the reverse.
@@ -2278,7 +2322,9 @@ fn shared_mmap_writes_reach_backing() {
     f.write_all_at(b"WORLD", 8192).unwrap();
     assert_eq!(&map[8192..8197], b"WORLD");
     // SAFETY: p/len as mapped; map is not used after this.
-    unsafe { libc::munmap(p, len) };
+    check(unsafe { libc::munmap(p, len) } as i64).unwrap();
+    drop(f);
+    println!("mmap child done");
 }
 
 #[test]
