@@ -54,6 +54,21 @@ fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
     Ok(st)
 }
 
+/// `name` in `dir` as an O_PATH fd, never following a symlink (the fd is then
+/// the symlink itself).
+fn open_o_path_nofollow(dir: &OwnedFd, name: &CString) -> io::Result<OwnedFd> {
+    // SAFETY: valid fd and C string; we own the result.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: fd was just returned by openat and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Largest offset or size a data op may name (off_t is signed).
 const MAX_OFFSET: u64 = i64::MAX as u64;
 
@@ -180,15 +195,7 @@ impl Applier {
     /// followed: the fd is the symlink).
     fn open_path(&self, path: &RelPath) -> io::Result<OwnedFd> {
         let (dir, name) = self.parent(path)?;
-        // SAFETY: valid fd and C string; we own the result.
-        let fd = cvt(unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        })?;
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        open_o_path_nofollow(&dir, &name)
     }
 
     /// The lstat of `path` beneath the root; None when it does not exist.
@@ -261,15 +268,7 @@ impl Applier {
     /// chmod of the object named `name` in `dir`, never through a symlink
     /// (a symlink's own mode means nothing on Linux: it is left alone).
     fn chmod_nofollow(&self, dir: &OwnedFd, name: &CString, mode: u32) -> io::Result<()> {
-        // SAFETY: valid fd and C string; we own the result.
-        let fd = cvt(unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        })?;
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = open_o_path_nofollow(dir, name)?;
         if fstat(&fd)?.st_mode & libc::S_IFMT == libc::S_IFLNK {
             return Ok(());
         }

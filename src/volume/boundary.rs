@@ -184,10 +184,10 @@ impl Recorder {
         self.settle(&ex, old, new);
     }
 
-    fn settle(&self, ex: &Exclusions, old: &[u8], new: &[u8]) {
-        let Ok(entries) = std::fs::read_dir(self.abs(new)) else {
-            return;
-        };
+    /// The names in `dir` (relative), sorted, each with whether it is a
+    /// directory; None when it cannot be read.
+    fn sorted_entries(&self, dir: &[u8]) -> Option<Vec<(Vec<u8>, bool)>> {
+        let entries = std::fs::read_dir(self.abs(dir)).ok()?;
         let mut names: Vec<(Vec<u8>, bool)> = entries
             .flatten()
             .map(|e| {
@@ -196,6 +196,13 @@ impl Recorder {
             })
             .collect();
         names.sort();
+        Some(names)
+    }
+
+    fn settle(&self, ex: &Exclusions, old: &[u8], new: &[u8]) {
+        let Some(names) = self.sorted_entries(new) else {
+            return;
+        };
         for (name, is_dir) in names {
             let (o, n) = (join(old, &name), join(new, &name));
             match (ex.is_excluded(&o), ex.is_excluded(&n)) {
@@ -218,17 +225,9 @@ impl Recorder {
         dir: &[u8],
         skip: &dyn Fn(&[u8]) -> bool,
     ) {
-        let Ok(entries) = std::fs::read_dir(self.abs(dir)) else {
+        let Some(names) = self.sorted_entries(dir) else {
             return;
         };
-        let mut names: Vec<(Vec<u8>, bool)> = entries
-            .flatten()
-            .map(|e| {
-                let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
-                (e.file_name().as_bytes().to_vec(), is_dir)
-            })
-            .collect();
-        names.sort();
         for (name, is_dir) in names {
             let rel = join(dir, &name);
             if skip(&rel) {
