@@ -249,7 +249,7 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    let opts = mount_options(&args, &config)?;
+    let mut opts = mount_options(&args, &config)?;
     let mut peers = Vec::new();
     for p in &config.peers {
         peers.push(Peer::parse(&format!("{}={}", p.address, p.fingerprint))?);
@@ -259,6 +259,10 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
     }
     if !peers.is_empty() && opts.journal.is_none() {
         return Err("replication needs the journal: drop --no-journal or the peers".into());
+    }
+    if let Some(j) = opts.journal.as_mut() {
+        // Writes kept in the backing file are held for peers to read back.
+        j.hold_for_peers = !peers.is_empty();
     }
     // Before the mount opens the journal: did it close cleanly last time?
     let journal_dir = replicafs::journal::journal_dir(
@@ -458,6 +462,16 @@ fn show_path(p: &[u8]) -> String {
 fn describe(op: &Op) -> String {
     match op {
         Op::Write { path, offset } => format!("{} offset={offset}", show_path(path)),
+        Op::WriteBacked {
+            path,
+            offset,
+            len,
+            crc,
+        } => format!(
+            "{} offset={offset} len={len} crc={crc:08x} (bytes in the backing file)",
+            show_path(path)
+        ),
+        Op::Preimage { of } => format!("bytes of seq {of}"),
         Op::Truncate { path, size } => format!("{} size={size}", show_path(path)),
         Op::Fallocate {
             path,
@@ -611,6 +625,15 @@ fn run_journal(cmd: JournalCommand) -> Result<(), BoxError> {
             let mut last = None;
             for r in j.records(0, to.unwrap_or(u64::MAX)) {
                 let r = r?;
+                if matches!(r.op, Op::WriteBacked { .. }) {
+                    return Err(format!(
+                        "record {} keeps its bytes in the backing file (journal.payload = \"backing\"): \
+                         this journal cannot replay a mount on its own; a journal written with \
+                         journal.payload = \"journal\" can",
+                        r.seq
+                    )
+                    .into());
+                }
                 applier
                     .apply(&r)
                     .map_err(|e| format!("record {} ({}): {e}", r.seq, r.op.name()))?;
