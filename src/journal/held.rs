@@ -493,14 +493,19 @@ fn name_beneath(file: &File, root: &Path) -> Option<Vec<u8>> {
     use std::os::fd::AsRawFd;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::MetadataExt;
-    if file.metadata().ok()?.nlink() == 0 {
+    let m = file.metadata().ok()?;
+    if m.nlink() == 0 {
         return None;
     }
     let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
     let rel = link.strip_prefix(root).ok()?;
     let rel = rel.as_os_str().as_bytes().to_vec();
-    crate::path::RelPath::parse(&rel).ok()?;
-    Some(rel)
+    // The kernel's name for the descriptor may be stale (a hard link whose
+    // name it was opened by is gone): it must name this very file.
+    let parsed = crate::path::RelPath::parse(&rel).ok()?;
+    let named = crate::path::open_regular_beneath(root, &parsed).ok()??;
+    let n = named.metadata().ok()?;
+    ((n.dev(), n.ino()) == (m.dev(), m.ino())).then_some(rel)
 }
 
 #[cfg(test)]
