@@ -1419,7 +1419,11 @@ impl Writer {
             self.next_write += 1;
         }
         self.append_frames(frames)?;
-        self.index.apply_batch(batch).map_err(io::Error::other)?;
+        // The index only says where reads start scanning (the segments are
+        // the truth): a failed insert costs a longer scan, not the records.
+        if let Err(e) = self.index.apply_batch(batch) {
+            warn!(error = %e, "journal index insert failed; reads scan from an earlier entry");
+        }
         {
             let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
             st.written = self.next_write - 1;
