@@ -337,24 +337,23 @@ fn check_replica(frames: &[Record], replica_state: &Path, mirror: &Path) -> Vec<
         ));
     }
     for r in frames.iter().filter(|r| r.seq <= applied) {
-        let (path, offset, len, good): (_, _, _, Box<dyn Fn(&[u8]) -> bool>) = match &r.op {
-            Op::Write { path, offset } => (path, *offset, r.data.len(), Box::new(|b| b == r.data)),
+        // Compared by crc32: a write's own bytes, or the crc a write kept
+        // in the backing file was journaled with.
+        let (path, offset, len, crc) = match &r.op {
+            Op::Write { path, offset } => {
+                (path, *offset, r.data.len(), record::payload_crc(&r.data))
+            }
             Op::WriteBacked {
                 path,
                 offset,
                 len,
                 crc,
-            } => (
-                path,
-                *offset,
-                *len as usize,
-                Box::new(|b| record::payload_crc(b) == *crc),
-            ),
+            } => (path, *offset, *len as usize, *crc),
             _ => continue,
         };
         let file = rel(path);
         match read_at(&mirror.join(&file), offset, len) {
-            Some(got) if good(&got) => {}
+            Some(got) if record::payload_crc(&got) == crc => {}
             _ => errs.push(format!(
                 "replica applied = {applied}, but record {} (write {file} at {offset}, {len} bytes) is not in its mirror",
                 r.seq,

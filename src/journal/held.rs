@@ -511,6 +511,7 @@ fn name_beneath(file: &File, root: &Path) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn file_with(bytes: &[u8]) -> (tempfile::NamedTempFile, FileKey) {
         use std::io::Write;
@@ -587,5 +588,146 @@ mod tests {
         );
         let h2 = Held::new(10, 0);
         assert!(!h2.reserve(key, &open), "room for no file");
+    }
+
+    fn rd(j: &Journal, seq: u64) -> io::Result<Option<Record>> {
+        j.wait_written(seq);
+        j.read(seq)
+    }
+
+    fn journal(dir: &Path) -> Journal {
+        let opts = crate::journal::JournalOptions {
+            cap_bytes: 8 << 20,
+            segment_bytes: 1 << 20,
+            hold_for_peers: true,
+            ..Default::default()
+        };
+        Journal::open(dir, opts).unwrap().0
+    }
+
+    /// A held write is served from the file until an overwrite preserves
+    /// it; after that from its preimage, even once the file changed; after
+    /// the release nothing is served and its range is dirty.
+    #[test]
+    fn held_writes_are_served_as_written_through_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        let (f, key) = file_with(&[0u8; 8192]);
+        let open = || File::open(f.path());
+        let src = || HeldSource { key, open: &open };
+        let write = |data: &[u8], off: u64| {
+            f.as_file().write_all_at(data, off).unwrap();
+            j.append_write(b"f", off, data, Some(src()))
+        };
+        let a = write(&[1u8; 4096], 0);
+        let b = write(&[2u8; 4096], 4096);
+        assert!(matches!(
+            rd(&j, a).unwrap().unwrap().op,
+            Op::WriteBacked { len: 4096, .. }
+        ));
+        assert!(
+            rd(&j, a).unwrap().unwrap().data.is_empty(),
+            "no payload in the journal"
+        );
+        // Overwrite the first half of `a`: it is preserved first.
+        j.preserve(key, b"f", 0, 2048);
+        let c = write(&[3u8; 2048], 0);
+        let served = |seq| j.resolve(rd(&j, seq).unwrap().unwrap());
+        assert_eq!(served(a).data, vec![1u8; 4096], "a as written");
+        assert_eq!(
+            served(a).op,
+            Op::Write {
+                path: b"f".to_vec(),
+                offset: 0
+            }
+        );
+        assert_eq!(served(b).data, vec![2u8; 4096]);
+        assert_eq!(served(c).data, vec![3u8; 2048]);
+        // The preimage travels without its bytes.
+        let p = {
+            j.wait_written(j.last_seq());
+            j.records(c + 1, u64::MAX).count()
+        };
+        assert_eq!(p, 0, "the preimage came before the overwrite");
+        let pre = {
+            j.wait_written(j.last_seq());
+            j.records(b + 1, c - 1).next().unwrap().unwrap()
+        };
+        assert_eq!(pre.op, Op::Preimage { of: a });
+        assert_eq!(pre.data, vec![1u8; 4096]);
+        assert!(j.resolve(pre).data.is_empty());
+        // Released: b is not held any more; a changed file cannot serve it.
+        j.trim_through(b);
+        f.as_file().write_all_at(&[9u8], 5000).unwrap();
+        let r = served(b);
+        assert_eq!(r.op, Op::Preimage { of: b }, "unservable becomes a no-op");
+        let dirty = j.dirty().regions().unwrap();
+        assert!(
+            dirty
+                .iter()
+                .any(|d| d.path == b"f" && d.offset == 4096 && d.len == 4096),
+            "{dirty:?}"
+        );
+        // c is still held and served.
+        assert_eq!(served(c).data, vec![3u8; 2048]);
+    }
+
+    /// Without peers nothing is held; with payload mode "journal" writes carry
+    /// their bytes; a full table makes a write carry them too.
+    #[test]
+    fn writes_carry_their_bytes_when_they_cannot_be_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, key) = file_with(&[0u8; 4096]);
+        let open = || File::open(f.path());
+        let opts = |hold, payload, held_records| crate::journal::JournalOptions {
+            hold_for_peers: hold,
+            payload,
+            held_records,
+            ..Default::default()
+        };
+        let (j, _) = Journal::open(dir.path(), opts(false, PayloadMode::Backing, 10)).unwrap();
+        let s = j.append_write(b"f", 0, b"abc", Some(HeldSource { key, open: &open }));
+        assert!(matches!(
+            rd(&j, s).unwrap().unwrap().op,
+            Op::WriteBacked { .. }
+        ));
+        assert_eq!(j.held_counts(), (0, 0));
+        drop(j);
+        let d2 = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(d2.path(), opts(true, PayloadMode::Journal, 10)).unwrap();
+        let s = j.append_write(b"f", 0, b"abc", Some(HeldSource { key, open: &open }));
+        assert_eq!(rd(&j, s).unwrap().unwrap().data, b"abc");
+        drop(j);
+        let d3 = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(d3.path(), opts(true, PayloadMode::Backing, 1)).unwrap();
+        let s1 = j.append_write(b"f", 0, b"abc", Some(HeldSource { key, open: &open }));
+        let s2 = j.append_write(b"f", 8, b"def", Some(HeldSource { key, open: &open }));
+        assert!(rd(&j, s1).unwrap().unwrap().data.is_empty());
+        assert_eq!(rd(&j, s2).unwrap().unwrap().data, b"def", "table full");
+    }
+
+    /// A dropped segment's backed writes dirty their ranges and its
+    /// preimages nothing (not the whole tree).
+    #[test]
+    fn a_dropped_segment_dirties_only_the_ranges_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        for i in 0..200u64 {
+            let op = Op::WriteBacked {
+                path: b"a".to_vec(),
+                offset: i << 20,
+                len: 4096,
+                crc: 0,
+            };
+            let s = j.append(&op, &[]);
+            j.append(&Op::Preimage { of: s }, &[7u8; 65536]);
+        }
+        j.sync_through(j.last_seq()).unwrap();
+        let dirty = j.dirty().regions().unwrap();
+        assert!(!dirty.is_empty(), "the cap dropped something");
+        for d in &dirty {
+            assert_eq!(d.path, b"a", "{dirty:?}");
+            assert!(!d.is_whole() && d.len == 4096, "{dirty:?}");
+        }
     }
 }

@@ -1694,6 +1694,9 @@ fn mark_ops_dirty(dirty: &DirtyList, ops: impl IntoIterator<Item = (Op, u64)>) {
     for (op, data_len) in ops {
         match op {
             Op::Write { path, offset } => ranges.entry(path).or_default().push((offset, data_len)),
+            Op::WriteBacked {
+                path, offset, len, ..
+            } => ranges.entry(path).or_default().push((offset, len as u64)),
             other => mark_op_dirty(dirty, &other, data_len),
         }
     }
@@ -1717,6 +1720,11 @@ pub fn mark_record_dirty(dirty: &DirtyList, r: &Record) {
 pub fn mark_op_dirty(dirty: &DirtyList, op: &Op, data_len: u64) {
     let res = match op {
         Op::Write { path, offset } => dirty.add_range(path, *offset, data_len),
+        Op::WriteBacked {
+            path, offset, len, ..
+        } => dirty.add_range(path, *offset, *len as u64),
+        // Changes nothing (the write it preserves has its own record).
+        Op::Preimage { .. } => Ok(()),
         Op::Fallocate {
             path, offset, len, ..
         } => dirty.add_range(path, *offset, *len),
