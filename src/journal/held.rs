@@ -36,6 +36,8 @@ pub struct HeldWrite {
     pub offset: u64,
     pub len: u32,
     pub crc: u32,
+    /// Written through O_DIRECT: reading it back must not leave it cached.
+    pub direct: bool,
 }
 
 struct HeldFile {
@@ -226,6 +228,7 @@ struct PutAway {
     offset: u64,
     len: u32,
     crc: u32,
+    direct: bool,
 }
 
 impl Journal {
@@ -263,6 +266,7 @@ impl Journal {
                     offset,
                     len,
                     crc,
+                    direct: src.direct,
                 };
                 return self.append_then(&op, &[], |seq| self.held.insert(seq, w));
             }
@@ -322,6 +326,9 @@ impl Journal {
     fn backed_bytes(&self, seq: u64, crc: u32) -> Option<Vec<u8>> {
         if let Some((w, file)) = self.held.get(seq) {
             let bytes = read_checked(&file, &w);
+            if w.direct {
+                drop_cached(&file, &w);
+            }
             // Still held after the read: no change began before it ended
             // (a change preserves, and so stops holding, before it starts).
             if bytes.is_some() && self.held.contains(seq) {
@@ -419,6 +426,7 @@ impl Journal {
                         offset: w.offset,
                         len: w.len,
                         crc: w.crc,
+                        direct: w.direct,
                     };
                     let v = postcard::to_stdvec(&v).expect("serialises");
                     if let Err(e) = self.held_at_close.insert(seq_key(seq), v) {
@@ -479,12 +487,27 @@ impl Journal {
             offset: p.offset,
             len: p.len,
             crc: p.crc,
+            direct: p.direct,
         };
         if read_checked(&file, &w).is_none() || !self.held.reserve(w.key, &|| file.try_clone()) {
             return false;
         }
         self.held.insert(seq, w);
         true
+    }
+}
+
+/// Drops a range read back from the page cache (the writer bypassed it).
+fn drop_cached(file: &File, w: &HeldWrite) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fadvise on a valid open fd; advice only.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            w.offset as i64,
+            w.len as i64,
+            libc::POSIX_FADV_DONTNEED,
+        );
     }
 }
 
@@ -537,6 +560,7 @@ mod tests {
                     offset: off,
                     len: 4096,
                     crc,
+                    direct: false,
                 },
             );
         }
@@ -560,6 +584,7 @@ mod tests {
                 offset: 0,
                 len: 1,
                 crc: 0,
+                direct: false,
             },
         );
         assert_eq!(h.len(), (0, 0));
@@ -577,6 +602,7 @@ mod tests {
             offset: 0,
             len: 4096,
             crc: crate::journal::record::payload_crc(&[2u8; 4096]),
+            direct: false,
         };
         h.insert(1, w);
         assert!(!h.reserve(key, &open));
@@ -614,7 +640,11 @@ mod tests {
         let j = journal(dir.path());
         let (f, key) = file_with(&[0u8; 8192]);
         let open = || File::open(f.path());
-        let src = || HeldSource { key, open: &open };
+        let src = || HeldSource {
+            key,
+            open: &open,
+            direct: false,
+        };
         let write = |data: &[u8], off: u64| {
             f.as_file().write_all_at(data, off).unwrap();
             j.append_write(b"f", off, data, Some(src()))
@@ -686,7 +716,16 @@ mod tests {
             ..Default::default()
         };
         let (j, _) = Journal::open(dir.path(), opts(false, PayloadMode::Backing, 10)).unwrap();
-        let s = j.append_write(b"f", 0, b"abc", Some(HeldSource { key, open: &open }));
+        let s = j.append_write(
+            b"f",
+            0,
+            b"abc",
+            Some(HeldSource {
+                key,
+                open: &open,
+                direct: false,
+            }),
+        );
         assert!(matches!(
             rd(&j, s).unwrap().unwrap().op,
             Op::WriteBacked { .. }
@@ -695,13 +734,40 @@ mod tests {
         drop(j);
         let d2 = tempfile::tempdir().unwrap();
         let (j, _) = Journal::open(d2.path(), opts(true, PayloadMode::Journal, 10)).unwrap();
-        let s = j.append_write(b"f", 0, b"abc", Some(HeldSource { key, open: &open }));
+        let s = j.append_write(
+            b"f",
+            0,
+            b"abc",
+            Some(HeldSource {
+                key,
+                open: &open,
+                direct: false,
+            }),
+        );
         assert_eq!(rd(&j, s).unwrap().unwrap().data, b"abc");
         drop(j);
         let d3 = tempfile::tempdir().unwrap();
         let (j, _) = Journal::open(d3.path(), opts(true, PayloadMode::Backing, 1)).unwrap();
-        let s1 = j.append_write(b"f", 0, b"abc", Some(HeldSource { key, open: &open }));
-        let s2 = j.append_write(b"f", 8, b"def", Some(HeldSource { key, open: &open }));
+        let s1 = j.append_write(
+            b"f",
+            0,
+            b"abc",
+            Some(HeldSource {
+                key,
+                open: &open,
+                direct: false,
+            }),
+        );
+        let s2 = j.append_write(
+            b"f",
+            8,
+            b"def",
+            Some(HeldSource {
+                key,
+                open: &open,
+                direct: false,
+            }),
+        );
         assert!(rd(&j, s1).unwrap().unwrap().data.is_empty());
         assert_eq!(rd(&j, s2).unwrap().unwrap().data, b"def", "table full");
     }

@@ -328,6 +328,8 @@ pub struct Journal {
 pub struct HeldSource<'a> {
     pub key: held::FileKey,
     pub open: &'a dyn Fn() -> io::Result<std::fs::File>,
+    /// The write came through O_DIRECT (see [`held::HeldWrite::direct`]).
+    pub direct: bool,
 }
 
 const CLEAN_MARKER: &str = "CLEAN";

@@ -828,7 +828,9 @@ impl Volume {
         let state = flight.finish();
         written?;
         let seq = match (rec, &path) {
-            (Some(r), Some(p)) => Some(r.record_write(&f.inode, p, offset, data)),
+            (Some(r), Some(p)) => {
+                Some(r.record_write(&f.inode, p, offset, data, f.flags & libc::O_DIRECT != 0))
+            }
             _ => None,
         };
         drop(state);

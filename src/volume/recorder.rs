@@ -304,7 +304,14 @@ impl Recorder {
     /// the backing file: the journal may keep the bytes there (see
     /// [`Journal::append_write`]), held through a readable descriptor of
     /// the inode.
-    pub fn record_write(&self, inode: &Inode, path: &[u8], offset: u64, data: &[u8]) -> u64 {
+    pub fn record_write(
+        &self,
+        inode: &Inode,
+        path: &[u8],
+        offset: u64,
+        data: &[u8],
+        direct: bool,
+    ) -> u64 {
         use std::os::fd::AsRawFd;
         let open = || -> std::io::Result<std::fs::File> {
             let proc = super::sys::proc_path(inode.fd().as_raw_fd());
@@ -315,6 +322,7 @@ impl Recorder {
         let src = crate::journal::HeldSource {
             key: inode.key,
             open: &open,
+            direct,
         };
         let seq = self.journal.append_write(path, offset, data, Some(src));
         inode.last_seq.fetch_max(seq, Ordering::AcqRel);
