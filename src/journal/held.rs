@@ -26,6 +26,9 @@ use super::dirty::DirtyRegion;
 use super::record::{Op, Record, payload_crc};
 use super::{HeldSource, Journal, PayloadMode, seq_key};
 
+/// Longest write that is held; a longer one carries its bytes in the journal.
+pub const MAX_HELD_LEN: u32 = 4 << 20;
+
 /// Identity of a backing file: (st_dev, st_ino).
 pub type FileKey = (u64, u64);
 
@@ -42,7 +45,9 @@ pub struct HeldWrite {
 
 struct HeldFile {
     file: Arc<File>,
-    seqs: BTreeSet<u64>,
+    /// Held writes of the file by (offset, seq): an overlap query looks at
+    /// the writes starting less than [`MAX_HELD_LEN`] before its range only.
+    ranges: BTreeSet<(u64, u64)>,
     /// Slots reserved for records whose seq is being assigned.
     reserved: usize,
 }
@@ -97,7 +102,7 @@ impl Held {
                 key,
                 HeldFile {
                     file: Arc::new(file),
-                    seqs: BTreeSet::new(),
+                    ranges: BTreeSet::new(),
                     reserved: 0,
                 },
             );
@@ -118,7 +123,7 @@ impl Held {
         if let Some(f) = g.files.get_mut(&w.key) {
             f.reserved = f.reserved.saturating_sub(1);
             if !released {
-                f.seqs.insert(seq);
+                f.ranges.insert((w.offset, seq));
             }
         }
         if !released {
@@ -131,7 +136,7 @@ impl Held {
     fn drop_idle(g: &mut Inner, key: FileKey) {
         if g.files
             .get(&key)
-            .is_some_and(|f| f.seqs.is_empty() && f.reserved == 0)
+            .is_some_and(|f| f.ranges.is_empty() && f.reserved == 0)
         {
             g.files.remove(&key);
         }
@@ -160,12 +165,18 @@ impl Held {
         let Some(f) = g.files.get(&key) else {
             return Vec::new();
         };
-        f.seqs
-            .iter()
-            .filter_map(|s| g.by_seq.get(s).map(|w| (*s, *w)))
+        if start >= end {
+            return Vec::new();
+        }
+        let mut hits: Vec<_> = f
+            .ranges
+            .range((start.saturating_sub(MAX_HELD_LEN as u64), 0)..(end, 0))
+            .filter_map(|(_, s)| g.by_seq.get(s).map(|w| (*s, *w)))
             .filter(|(_, w)| w.offset < end && start < w.offset + w.len as u64)
             .map(|(s, w)| (s, w, f.file.clone()))
-            .collect()
+            .collect();
+        hits.sort_by_key(|h| h.0);
+        hits
     }
 
     /// Every held record, oldest first.
@@ -182,7 +193,7 @@ impl Held {
         let mut g = self.lock();
         if let Some(w) = g.by_seq.remove(&seq) {
             if let Some(f) = g.files.get_mut(&w.key) {
-                f.seqs.remove(&seq);
+                f.ranges.remove(&(w.offset, seq));
             }
             Self::drop_idle(&mut g, w.key);
         }
@@ -196,7 +207,7 @@ impl Held {
         let gone = std::mem::replace(&mut g.by_seq, keep);
         for (s, w) in gone {
             if let Some(f) = g.files.get_mut(&w.key) {
-                f.seqs.remove(&s);
+                f.ranges.remove(&(w.offset, s));
             }
             Self::drop_idle(&mut g, w.key);
         }
@@ -247,6 +258,7 @@ impl Journal {
         if self.options.payload == PayloadMode::Backing
             && !data.is_empty()
             && let Ok(len) = u32::try_from(data.len())
+            && len <= MAX_HELD_LEN
         {
             let crc = payload_crc(data);
             let op = Op::WriteBacked {
