@@ -158,6 +158,19 @@ enum JournalCommand {
         #[arg(long)]
         payload: bool,
     },
+    /// Checks the journal against the backing dir: every write record's bytes
+    /// are in its payload, in a preimage, or still in the backing file, or a
+    /// later record changed them. Exits 1 when one is not.
+    Verify {
+        #[command(flatten)]
+        state: StateArgs,
+        /// The backing dir [default: the state dir's parent, for BACKING/.replicafs].
+        #[arg(long)]
+        backing: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Applies the records, in order, onto TARGET (a copy of the starting directory).
     Replay {
         #[command(flatten)]
@@ -615,6 +628,46 @@ fn run_journal(cmd: JournalCommand) -> Result<(), BoxError> {
                         if r.data.len() > 64 { "…" } else { "" }
                     );
                 }
+            }
+        }
+        JournalCommand::Verify {
+            state,
+            backing,
+            json,
+        } => {
+            let backing = match backing {
+                Some(b) => b,
+                None if state.state_dir.file_name() == Some(STATE_DIR_NAME.as_ref()) => state
+                    .state_dir
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .ok_or("the state dir has no parent: give --backing")?,
+                None => {
+                    return Err("give --backing (the state dir is not BACKING/.replicafs)".into());
+                }
+            };
+            let j = inspect_journal(&state.state_dir)?;
+            let rep = replicafs::journal::verify::verify(|| j.records(0, u64::MAX), &backing)
+                .map_err(|e| format!("cannot read the journal: {e}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                println!("records                      {}", rep.records);
+                println!("writes with their bytes      {}", rep.writes_with_payload);
+                println!("writes kept in the backing:");
+                println!("  bytes in a preimage        {}", rep.preserved);
+                println!("  bytes in place             {}", rep.in_place);
+                println!("  changed by a later record  {}", rep.superseded);
+                println!("bad preimages                {:?}", rep.bad_preimages);
+                println!("bytes nowhere, unexplained   {:?}", rep.unexplained);
+            }
+            if !rep.ok() {
+                return Err(format!(
+                    "{} write records have bytes nowhere, {} preimages do not match their write",
+                    rep.unexplained.len(),
+                    rep.bad_preimages.len()
+                )
+                .into());
             }
         }
         JournalCommand::Replay { state, target, to } => {

@@ -18,6 +18,7 @@ pub mod exclude;
 pub mod held;
 pub mod record;
 pub mod segment;
+pub mod verify;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
