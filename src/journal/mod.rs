@@ -169,6 +169,9 @@ pub struct Location {
 /// Distance between index entries written by a rebuild.
 const INDEX_STRIDE: u64 = 4 << 20;
 
+/// Least distance between index entries the writer makes.
+const INDEX_GAP: u64 = 256 << 10;
+
 impl Location {
     fn encode(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
@@ -533,6 +536,7 @@ impl Journal {
             needs_roll: false,
             sealed,
             writeback_error: None,
+            indexed: None,
         };
         let handle = std::thread::Builder::new()
             .name("journal-writer".into())
@@ -1277,6 +1281,8 @@ struct Writer {
     /// Writeback failed while dropping segment pages from the page cache:
     /// the next sync fails with it (fdatasync may not report it again).
     writeback_error: Option<io::Error>,
+    /// The newest index entry this writer made: (segment, offset).
+    indexed: Option<(u64, u64)>,
 }
 
 /// A sealed segment file.
@@ -1409,13 +1415,22 @@ impl Writer {
                 }
                 part_bytes = 0;
             }
-            if frames.is_empty() {
-                // One index entry per batch part: where its first frame starts.
+            let at = self.segment.len + part_bytes;
+            let gap_since_entry = match self.indexed {
+                Some((seg, off)) if seg == self.segment.first_seq => at.saturating_sub(off),
+                _ => u64::MAX,
+            };
+            if frames.is_empty() && gap_since_entry >= INDEX_GAP {
+                // Where a batch part's first frame starts, at most every
+                // INDEX_GAP bytes (and at every segment's start): reads scan
+                // forward from the nearest entry, and one sled insert per
+                // small batch cost more than the batch.
                 let loc = Location {
                     segment: self.segment.first_seq,
                     offset: self.segment.len,
                 };
                 batch.insert(&seq_key(self.next_write), &loc.encode());
+                self.indexed = Some((self.segment.first_seq, self.segment.len));
             }
             part_bytes += bytes.len() as u64;
             frames.push(bytes);
