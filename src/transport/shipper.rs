@@ -107,6 +107,9 @@ struct Shared {
     namespace_loss: AtomicBool,
     /// Peers owed a snapshot after an unclean stop.
     obligations: Obligations,
+    /// An ack moved a peer's applied seq: trimming (and with it the release
+    /// of writes held for the peers) runs now, not at the next tick.
+    acked: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -303,6 +306,7 @@ impl Shipper {
             hidden,
             namespace_loss: AtomicBool::new(false),
             obligations,
+            acked: tokio::sync::Notify::new(),
         });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -435,7 +439,10 @@ async fn housekeeping(sh: Arc<Shared>) {
     let mut trimmed = 0u64;
     let mut last_pass = Instant::now();
     while !sh.stop.load(Ordering::Acquire) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = sh.acked.notified() => {}
+        }
         // A pass journals a quarter of the cap at most, and only while the
         // journal is less than half full: catch-up records must not push
         // unread records (their own included) over the cap.
@@ -1079,6 +1086,9 @@ fn on_message(
     let mut s = sh.peer(i);
     s.received = sender.received();
     let applied = sender.applied();
+    if s.applied != Some(applied) {
+        sh.acked.notify_one();
+    }
     s.applied = Some(applied);
     while s.unapplied.front().is_some_and(|&(l, _)| l <= applied) {
         if let Some((_, b)) = s.unapplied.pop_front() {
