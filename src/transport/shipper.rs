@@ -563,8 +563,6 @@ fn read_batch(
     let mut through = from - 1;
     for r in j.records(from, target) {
         let r = r.map_err(|e| format!("cannot read the journal: {e}"))?;
-        // A write kept in the backing file travels with its bytes.
-        let r = j.resolve(r);
         if r.seq != through + 1 {
             if out.is_empty() {
                 return Ok(Read::Gap(from, r.seq - 1));
@@ -572,7 +570,12 @@ fn read_batch(
             break;
         }
         through = r.seq;
-        bytes += r.data.len() + 64;
+        // A write kept in the backing file counts the bytes it will carry.
+        let carried = match &r.op {
+            crate::journal::Op::WriteBacked { len, .. } => *len as usize,
+            _ => r.data.len(),
+        };
+        bytes += carried + 64;
         out.push(r);
         if bytes >= max_bytes {
             break;
@@ -581,7 +584,8 @@ fn read_batch(
     if out.is_empty() && target >= from {
         return Ok(Read::Gap(from, target));
     }
-    Ok(Read::Records(out, through))
+    // Writes kept in the backing file travel with their bytes.
+    Ok(Read::Records(j.resolve_all(out), through))
 }
 
 async fn connection(
@@ -1157,6 +1161,44 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(through(read_batch(&j, 6, 100, 1 << 20).unwrap()), 8);
+        j.close().unwrap();
+    }
+
+    /// Writes kept in the backing file fill a batch by the bytes they will
+    /// carry, and are read with them.
+    #[test]
+    fn batches_of_backed_writes_are_bounded_by_their_bytes() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let d = tempfile::tempdir().unwrap();
+        let opts = JournalOptions {
+            hold_for_peers: true,
+            ..Default::default()
+        };
+        let (j, _) = Journal::open(&d.path().join("state"), opts).unwrap();
+        let path = d.path().join("disk.img");
+        let f = std::fs::File::create(&path).unwrap();
+        let m = f.metadata().unwrap();
+        let open = || std::fs::File::open(&path);
+        for i in 0..8u64 {
+            let data = vec![i as u8; 512 << 10];
+            f.write_all_at(&data, i << 19).unwrap();
+            let src = crate::journal::HeldSource {
+                key: (m.dev(), m.ino()),
+                open: &open,
+                direct: false,
+            };
+            j.append_write(b"disk.img", i << 19, &data, Some(src));
+        }
+        j.sync_through(8).unwrap();
+        let Read::Records(r, t) = read_batch(&j, 1, 4096, 1 << 20).unwrap() else {
+            panic!("a gap");
+        };
+        assert_eq!(t, 2, "1 MiB of batch: two 512 KiB writes");
+        assert_eq!(r.len(), 2);
+        for (i, rec) in r.iter().enumerate() {
+            assert!(matches!(rec.op, Op::Write { offset, .. } if offset == (i as u64) << 19));
+            assert_eq!(rec.data, vec![i as u8; 512 << 10]);
+        }
         j.close().unwrap();
     }
 
