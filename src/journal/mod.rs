@@ -68,6 +68,10 @@ pub struct JournalOptions {
     pub held_records: usize,
     /// Most files with held writes at once (one open descriptor each). Default 1024.
     pub held_files: usize,
+    /// Memory for the bytes of the newest held writes: the shipper sends
+    /// them from there, and overwriting them costs no copy-before-write.
+    /// Default 32 MiB.
+    pub ring_bytes: u64,
     /// Whether writes are held for peers; set by the daemon when it ships to
     /// peers (with none, nobody reads the bytes back). Not a config key.
     #[serde(skip)]
@@ -96,6 +100,7 @@ impl Default for JournalOptions {
             payload: PayloadMode::Backing,
             held_records: 262_144,
             held_files: 1024,
+            ring_bytes: 32 << 20,
             hold_for_peers: false,
         }
     }
@@ -129,6 +134,9 @@ impl JournalOptions {
         }
         if self.held_files > 65_536 {
             return Err("journal.held_files must be at most 65536".into());
+        }
+        if self.ring_bytes > 16 << 30 {
+            return Err("journal.ring_bytes must be at most 16 GiB".into());
         }
         Ok(())
     }
@@ -561,7 +569,11 @@ impl Journal {
                 writer: Mutex::new(Some(handle)),
                 activity_epoch: activity.epoch_handle(),
                 activity: Mutex::new(activity),
-                held: held::Held::new(options.held_records, options.held_files),
+                held: held::Held::new(
+                    options.held_records,
+                    options.held_files,
+                    options.ring_bytes as usize,
+                ),
                 options,
                 backing: Mutex::new(None),
                 preimages,
