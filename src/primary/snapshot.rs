@@ -36,10 +36,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use tracing::info;
 
@@ -58,8 +59,21 @@ pub struct Item {
     /// A symlink's target, or a hard link's first path.
     pub target: Vec<u8>,
     key: (u64, u64),
-    /// Regular file: opened for reading; others: O_PATH. None for links.
-    fd: Option<OwnedFd>,
+    /// How to reach the object again. None for links.
+    handle: Option<Handle>,
+    /// The backing dir's root, for `open_by_handle_at`.
+    mount: Arc<OwnedFd>,
+}
+
+/// An object seen by the listing, reachable again by identity whatever
+/// renames follow: a file handle (`name_to_handle_at`, a few bytes, no
+/// descriptor held, so a tree of any size fits the fd limit), or, where the
+/// filesystem has none (or it is another filesystem than the backing dir's
+/// root), the descriptor itself.
+enum Handle {
+    /// struct file_handle: handle_bytes u32, handle_type i32, f_handle.
+    Fh(Vec<u32>),
+    Fd(OwnedFd),
 }
 
 /// A listing that is the namespace at `at`.
@@ -80,12 +94,13 @@ struct Seen {
     kind: EntryKind,
     target: Vec<u8>,
     key: (u64, u64),
-    fd: OwnedFd,
+    handle: Handle,
 }
 
 struct Walker<'a> {
     volume: &'a Volume,
-    backing: OwnedFd,
+    backing: Arc<OwnedFd>,
+    root_dev: u64,
     hidden: Option<&'a [u8]>,
     state_key: Option<(u64, u64)>,
     map: BTreeMap<Vec<u8>, Seen>,
@@ -94,10 +109,12 @@ struct Walker<'a> {
 /// Lists the backing dir of `volume` (skipping `hidden`, the state dir and
 /// excluded paths). Blocking.
 pub fn list(volume: &Volume, backing: &Path, hidden: Option<&[u8]>) -> io::Result<Listing> {
-    let root = File::open(backing)?;
+    let root: OwnedFd = File::open(backing)?.into();
+    let root_dev = fstat(&root)?.st_dev;
     let mut w = Walker {
         volume,
-        backing: root.into(),
+        backing: Arc::new(root),
+        root_dev,
         hidden,
         state_key: volume.state_dir_key(),
         map: BTreeMap::new(),
@@ -139,7 +156,7 @@ pub fn list(volume: &Volume, backing: &Path, hidden: Option<&[u8]>) -> io::Resul
         todo = touched.paths;
         from = end;
     };
-    let items = w.into_items();
+    let (_, items) = w.into_items();
     info!(
         began,
         at,
@@ -415,24 +432,28 @@ impl Walker<'_> {
         };
         let st = fstat(&fd)?;
         let key = (st.st_dev, st.st_ino);
-        let (kind, fd, target) = match st.st_mode & libc::S_IFMT {
+        let (kind, target) = match st.st_mode & libc::S_IFMT {
             libc::S_IFDIR => {
                 // The state dir (keys, journal) by identity, wherever it is.
                 if Some(key) == self.state_key {
                     return Ok(None);
                 }
-                (EntryKind::Dir, fd, Vec::new())
+                (EntryKind::Dir, Vec::new())
             }
-            libc::S_IFREG => {
-                // Never a fifo or device: the type was checked in this hold.
-                let f = reopen(&fd, libc::O_RDONLY | libc::O_NONBLOCK)?;
-                (EntryKind::File, f, Vec::new())
-            }
-            libc::S_IFLNK => {
-                let t = readlink_fd(&fd)?;
-                (EntryKind::Symlink, fd, t)
-            }
+            libc::S_IFREG => (EntryKind::File, Vec::new()),
+            libc::S_IFLNK => (EntryKind::Symlink, readlink_fd(&fd)?),
             _ => return Ok(None),
+        };
+        let handle = match (st.st_dev == self.root_dev)
+            .then(|| file_handle(&fd))
+            .flatten()
+        {
+            Some(h) => Handle::Fh(h),
+            // Never a fifo or device: the type was checked in this hold.
+            None if kind == EntryKind::File => {
+                Handle::Fd(reopen(&fd, libc::O_RDONLY | libc::O_NONBLOCK)?)
+            }
+            None => Handle::Fd(fd),
         };
         self.map.insert(
             rel.to_vec(),
@@ -440,13 +461,13 @@ impl Walker<'_> {
                 kind,
                 target,
                 key,
-                fd,
+                handle,
             },
         );
         Ok(Some(kind))
     }
 
-    fn into_items(self) -> Vec<Item> {
+    fn into_items(self) -> (Arc<OwnedFd>, Vec<Item>) {
         let mut first: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
         let mut out = Vec::with_capacity(self.map.len());
         for (path, s) in self.map {
@@ -457,7 +478,8 @@ impl Walker<'_> {
                         kind: EntryKind::Link,
                         target: f.clone(),
                         key: s.key,
-                        fd: None,
+                        handle: None,
+                        mount: self.backing.clone(),
                     });
                     continue;
                 }
@@ -468,10 +490,11 @@ impl Walker<'_> {
                 kind: s.kind,
                 target: s.target,
                 key: s.key,
-                fd: Some(s.fd),
+                handle: Some(s.handle),
+                mount: self.backing.clone(),
             });
         }
-        out
+        (self.backing, out)
     }
 }
 
@@ -479,14 +502,41 @@ impl Walker<'_> {
 pub type Attrs = (u32, u32, u32, u64, Vec<(Vec<u8>, Vec<u8>)>);
 
 impl Item {
-    /// Read through the descriptor opened at the listing (a link has none:
-    /// the replica takes its target's). None if it cannot be read.
+    /// The object again, by identity: `flags` for a regular file (O_PATH for
+    /// the others). None when it is gone (freed since the listing).
+    fn open(&self, flags: i32) -> Option<OwnedFd> {
+        match self.handle.as_ref()? {
+            Handle::Fd(fd) => fd.try_clone().ok(),
+            Handle::Fh(h) => {
+                let mut h = h.clone();
+                let flags = if self.kind == EntryKind::File {
+                    flags
+                } else {
+                    libc::O_PATH
+                };
+                // SAFETY: `h` is a struct file_handle as name_to_handle_at
+                // filled it; the mount fd is valid.
+                let fd = unsafe {
+                    libc::open_by_handle_at(
+                        self.mount.as_raw_fd(),
+                        h.as_mut_ptr().cast(),
+                        flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                    )
+                };
+                // SAFETY: a new fd we own.
+                (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+            }
+        }
+    }
+
+    /// The entry's attributes now, read from the object the listing saw (a
+    /// link has none: the replica takes its target's). None if it is gone.
     pub fn attrs(&self) -> Option<Attrs> {
-        let fd = self.fd.as_ref()?;
-        let st = fstat(fd).ok()?;
+        let fd = self.open(libc::O_PATH)?;
+        let st = fstat(&fd).ok()?;
         let xattrs = match self.kind {
             EntryKind::File | EntryKind::Dir => {
-                let p = proc_path(fd);
+                let p = proc_path(&fd);
                 crate::replica::snapshot::read_xattrs(
                     Path::new(std::ffi::OsStr::from_bytes(p.as_bytes())),
                     true,
@@ -508,26 +558,54 @@ impl Item {
         self.key
     }
 
-    /// Up to `len` bytes of a regular file's content at `offset` (empty at
-    /// its end).
-    pub fn read_chunk(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let Some(fd) = self.fd.as_ref().filter(|_| self.kind == EntryKind::File) else {
-            return Ok(Vec::new());
-        };
-        let f = File::from(fd.as_fd().try_clone_to_owned()?);
-        let mut buf = vec![0u8; len];
-        let mut got = 0;
-        while got < buf.len() {
-            match f.read_at(&mut buf[got..], offset + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+    /// A reader of a regular file's content (None for other kinds, or when
+    /// the file is gone: the records after the snapshot remove its names).
+    pub fn reader(&self) -> Option<File> {
+        if self.kind != EntryKind::File {
+            return None;
         }
-        buf.truncate(got);
-        Ok(buf)
+        self.open(libc::O_RDONLY | libc::O_NONBLOCK).map(File::from)
     }
+}
+
+/// Up to `len` bytes of `f` at `offset` (short only at its end).
+pub fn read_chunk(f: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// A file handle for the object behind `fd`, if its filesystem gives one.
+fn file_handle(fd: &OwnedFd) -> Option<Vec<u32>> {
+    const MAX_HANDLE_SZ: usize = 128;
+    let mut h = vec![0u32; 2 + MAX_HANDLE_SZ / 4];
+    h[0] = MAX_HANDLE_SZ as u32;
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `h` is a struct file_handle with room for MAX_HANDLE_SZ bytes.
+    let r = unsafe {
+        libc::name_to_handle_at(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            h.as_mut_ptr().cast(),
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    let bytes = h[0] as usize;
+    h.truncate(2 + bytes.div_ceil(4));
+    Some(h)
 }
 
 #[cfg(test)]

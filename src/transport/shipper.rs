@@ -884,13 +884,23 @@ async fn send_snapshot(
             continue;
         }
         files += 1;
+        let it = item.clone();
+        let reader = tokio::task::spawn_blocking(move || it.reader())
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(reader) = reader.map(Arc::new) else {
+            continue;
+        };
         let mut offset = 0u64;
         loop {
-            let it = item.clone();
+            let (it, f) = (item.clone(), reader.clone());
             let enc = tokio::task::spawn_blocking(move || {
-                let buf = it
-                    .read_chunk(offset, crate::primary::catchup::CHUNK as usize)
-                    .map_err(|e| e.to_string())?;
+                let buf = crate::primary::snapshot::read_chunk(
+                    &f,
+                    offset,
+                    crate::primary::catchup::CHUNK as usize,
+                )
+                .map_err(|e| e.to_string())?;
                 if buf.is_empty() {
                     return Ok::<_, String>(None);
                 }
