@@ -161,30 +161,28 @@ mod tests {
         let fh = v.open(e.attr.ino, libc::O_RDWR, Caller::ROOT).unwrap().fh;
         let done = AtomicBool::new(false);
         let (inside, chunk_seq) = std::thread::scope(|s| {
-            let r = v
-                .quiet_file(b"f", |q| {
-                    s.spawn(|| {
-                        v.write(fh, 0, b"new", false).unwrap();
-                        done.store(true, Ordering::Release);
-                    });
-                    for _ in 0..300 {
-                        if done.load(Ordering::Acquire) {
-                            break;
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(1));
+            v.quiet_file(b"f", |q| {
+                s.spawn(|| {
+                    v.write(fh, 0, b"new", false).unwrap();
+                    done.store(true, Ordering::Release);
+                });
+                for _ in 0..300 {
+                    if done.load(Ordering::Acquire) {
+                        break;
                     }
-                    let inside = done.load(Ordering::Acquire);
-                    let mut buf = vec![0u8; 3];
-                    q.file.read_exact_at(&mut buf, 0)?;
-                    let op = Op::Write {
-                        path: b"f".to_vec(),
-                        offset: 0,
-                    };
-                    Ok((inside, q.recorder.record(Some(q.inode), &op, &buf)))
-                })
-                .unwrap()
-                .unwrap();
-            r
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                let inside = done.load(Ordering::Acquire);
+                let mut buf = vec![0u8; 3];
+                q.file.read_exact_at(&mut buf, 0)?;
+                let op = Op::Write {
+                    path: b"f".to_vec(),
+                    offset: 0,
+                };
+                Ok((inside, q.recorder.record(Some(q.inode), &op, &buf)))
+            })
+            .unwrap()
+            .unwrap()
         });
         assert!(
             !inside,
