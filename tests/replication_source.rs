@@ -13,6 +13,14 @@ use std::time::Instant;
 
 use repl_common::*;
 
+/// The tests here run one at a time: each wants its listing to overlap its
+/// own guest load, not to share two cores with another test's tree build.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The value of `field=N` in the last log line containing `line`.
 fn log_field(log: &str, line: &str, field: &str) -> Option<u64> {
     let l = log.lines().rev().find(|l| l.contains(line))?;
@@ -149,6 +157,7 @@ fn tree(root: &Path, dirs: usize, per_dir: usize) {
 /// equal to the primary.
 #[test]
 fn guest_writes_go_on_during_a_snapshot_of_a_large_tree() {
+    let _serial = serial();
     let mut c = Cluster::new(1, &[]);
     tree(&c.primary.backing, 100, 200);
     c.primary.daemon.start();
@@ -181,6 +190,7 @@ fn guest_writes_go_on_during_a_snapshot_of_a_large_tree() {
 /// primary, and the listing did see namespace changes in its rounds.
 #[test]
 fn the_mirror_converges_with_namespace_churn_during_the_snapshot() {
+    let _serial = serial();
     let mut c = Cluster::new(1, &[]);
     tree(&c.primary.backing, 20, 150);
     c.primary.daemon.start();
@@ -277,6 +287,7 @@ fn churn(mnt: &Path, seed: u64, stop: &AtomicBool, ops: &AtomicU64) {
 /// mirror converges.
 #[test]
 fn catch_up_chunks_race_guest_writes_and_converge() {
+    let _serial = serial();
     let cfg_dir = tempfile::tempdir().unwrap();
     let cfg = cfg_dir.path().join("p.toml");
     std::fs::write(
