@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Guest write latency while a primary lists a large tree for a snapshot.
 #
-# A backing dir with FILES small files (default 100 000, in 100 dirs) is
+# A backing dir of N small files (each N of SIZES, in 100 dirs) is
 # mounted with a peer that is not running yet. A guest writer (4 KiB O_DIRECT
 # pwrites at random offsets of one 64 MiB file through the mount, one FUSE
 # write each) runs throughout; then the replica starts, is fresh, and gets a
@@ -14,13 +14,16 @@
 # baseline (BASE_REF, built from git, or BASE_BIN) and the working tree's
 # binary are measured in the same run.
 #
+# The baseline opens every file of the tree during its listing, so it fails
+# (EMFILE) on a tree with more files than the fd limit; that is reported.
+#
 # usage: bench/snapshot-stall.sh [WORKDIR]   (root; needs python3)
-#   FILES=100000 BEFORE=3 BASE_REF=07f899a BASE_BIN=/path/to/old/replicafs
+#   SIZES="19000 100000" BEFORE=3 BASE_REF=07f899a BASE_BIN=/path/to/old/replicafs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 W=${1:-/tmp/replicafs-bench-stall}
-FILES=${FILES:-100000}
+SIZES=${SIZES:-19000 100000}
 BEFORE=${BEFORE:-3}
 BASE_REF=${BASE_REF:-07f899a}
 mkdir -p "$W"
@@ -37,7 +40,8 @@ if [ -z "${BASE_BIN:-}" ]; then
 fi
 
 # The baseline keeps one descriptor per file of the tree during a snapshot.
-ulimit -Hn 1048576 && ulimit -n 1048576
+ulimit -n "$(ulimit -Hn)"
+echo "fd limit: $(ulimit -n)" >&2
 
 cleanup() {
   [ -n "${WPID:-}" ] && kill "$WPID" 2>/dev/null || true
@@ -50,8 +54,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-run() {  # label, binary
-  local label=$1 B=$2 R=$W/run
+run() {  # label, binary, files
+  local label=$1 B=$2 FILES=$3 R=$W/run
   cleanup
   rm -rf "$R"; mkdir -p "$R"/{p-state,p-back,p-mnt,r-state,r-mirror,r-mnt}
   python3 - "$R/p-back" "$FILES" <<'PY'
@@ -93,10 +97,18 @@ PY
   $B replica --mirror "$R/r-mirror" --listen 127.0.0.1:$port --state-dir "$R/r-state" \
     --trust "$pfp" --mount "$R/r-mnt" >"$R/replica.log" 2>&1 &
   RPID=$!
-  for _ in $(seq 6000); do grep -q "snapshot sent" "$R/primary.log" && break; sleep 0.1; done
+  for _ in $(seq 6000); do
+    grep -q "snapshot sent" "$R/primary.log" && break
+    if grep -q "Too many open files" "$R/primary.log"; then
+      echo "| $label | $FILES files | snapshot fails: Too many open files (fd limit $(ulimit -n)) | | | | | |"
+      cleanup
+      return
+    fi
+    sleep 0.1
+  done
   sleep 1
   kill "$WPID"; wait "$WPID" 2>/dev/null || true; WPID=
-  python3 - "$label" "$R" "$t_start" "$BEFORE" <<'PY'
+  python3 - "$label, $FILES files" "$R" "$t_start" "$BEFORE" <<'PY'
 import datetime, re, sys
 label, r, t_start, before = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 def when(log, what):
@@ -130,5 +142,7 @@ PY
 
 echo "| binary | window | ms | writes completed | writes/s | p50 ms | p99 ms | max ms |"
 echo "|---|---|---|---|---|---|---|---|"
-run "base $BASE_REF" "$BASE_BIN"
-run "new" "$NEW"
+for n in $SIZES; do
+  run "base $BASE_REF" "$BASE_BIN" "$n"
+  run "new" "$NEW" "$n"
+done

@@ -104,11 +104,23 @@ struct Walker<'a> {
     hidden: Option<&'a [u8]>,
     state_key: Option<(u64, u64)>,
     map: BTreeMap<Vec<u8>, Seen>,
+    seen: &'a mut dyn FnMut(&[u8]),
 }
 
 /// Lists the backing dir of `volume` (skipping `hidden`, the state dir and
 /// excluded paths). Blocking.
 pub fn list(volume: &Volume, backing: &Path, hidden: Option<&[u8]>) -> io::Result<Listing> {
+    list_observed(volume, backing, hidden, &mut |_| {})
+}
+
+/// [`list`], calling `seen` with each path right after its observation
+/// (outside the hold): where tests change the namespace mid-walk.
+fn list_observed(
+    volume: &Volume,
+    backing: &Path,
+    hidden: Option<&[u8]>,
+    seen: &mut dyn FnMut(&[u8]),
+) -> io::Result<Listing> {
     let root: OwnedFd = File::open(backing)?.into();
     let root_dev = fstat(&root)?.st_dev;
     let mut w = Walker {
@@ -118,6 +130,7 @@ pub fn list(volume: &Volume, backing: &Path, hidden: Option<&[u8]>) -> io::Resul
         hidden,
         state_key: volume.state_dir_key(),
         map: BTreeMap::new(),
+        seen,
     };
     let journal = volume.recorder().map(|r| r.journal().clone());
     let began = volume.observe().seq();
@@ -156,7 +169,7 @@ pub fn list(volume: &Volume, backing: &Path, hidden: Option<&[u8]>) -> io::Resul
         todo = touched.paths;
         from = end;
     };
-    let (_, items) = w.into_items();
+    let items = w.into_items();
     info!(
         began,
         at,
@@ -416,6 +429,12 @@ impl Walker<'_> {
 
     /// Observes `rel` in one hold; returns what it is, if it is listed.
     fn observe(&mut self, rel: &[u8], hold: bool) -> io::Result<Option<EntryKind>> {
+        let r = self.observe_held(rel, hold);
+        (self.seen)(rel);
+        r
+    }
+
+    fn observe_held(&mut self, rel: &[u8], hold: bool) -> io::Result<Option<EntryKind>> {
         if Some(rel) == self.hidden {
             return Ok(None);
         }
@@ -467,7 +486,7 @@ impl Walker<'_> {
         Ok(Some(kind))
     }
 
-    fn into_items(self) -> (Arc<OwnedFd>, Vec<Item>) {
+    fn into_items(self) -> Vec<Item> {
         let mut first: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
         let mut out = Vec::with_capacity(self.map.len());
         for (path, s) in self.map {
@@ -494,7 +513,7 @@ impl Walker<'_> {
                 mount: self.backing.clone(),
             });
         }
-        (self.backing, out)
+        out
     }
 }
 
@@ -611,6 +630,119 @@ fn file_handle(fd: &OwnedFd) -> Option<Vec<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::exclude::Exclusions;
+    use crate::journal::{Journal, JournalOptions};
+    use crate::volume::inode::ROOT_INO;
+    use crate::volume::recorder::Recorder;
+    use std::ffi::OsStr;
+
+    fn volume(dir: &Path) -> (Volume, std::path::PathBuf) {
+        let (backing, state) = (dir.join("b"), dir.join("s"));
+        std::fs::create_dir_all(&backing).unwrap();
+        let (journal, _) = Journal::open(&state, JournalOptions::default()).unwrap();
+        journal.set_backing_dir(&backing);
+        let v = Volume::new(&backing, Default::default())
+            .unwrap()
+            .with_recorder(Recorder::new(
+                Arc::new(journal),
+                Exclusions::default(),
+                &backing,
+            ));
+        (v, backing)
+    }
+
+    fn ino(v: &Volume, path: &str) -> u64 {
+        let mut ino = ROOT_INO;
+        for c in path.split('/').filter(|c| !c.is_empty()) {
+            ino = v.lookup(ino, OsStr::new(c)).unwrap().attr.ino;
+        }
+        ino
+    }
+
+    fn mv(v: &Volume, from: &str, to: &str) {
+        let (fp, fname) = from.rsplit_once('/').unwrap_or(("", from));
+        let (tp, tname) = to.rsplit_once('/').unwrap_or(("", to));
+        v.rename(
+            ino(v, fp),
+            OsStr::new(fname),
+            ino(v, tp),
+            OsStr::new(tname),
+            0,
+        )
+        .unwrap();
+    }
+
+    /// Every path under `root`, as the listing names them.
+    fn tree(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
+                if rel == "s" || rel.starts_with("s/") {
+                    continue;
+                }
+                if p.is_dir() && !p.is_symlink() {
+                    stack.push(p.clone());
+                }
+                out.push(rel);
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Renames during the walk that move a subtree from where the walk has
+    /// not been into where it has (it would be missed), and a file from
+    /// where it has been to where it has not (it would be listed twice):
+    /// the next rounds observe both again, and the listing is the tree.
+    #[test]
+    fn renames_across_the_walk_front_are_observed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v, backing) = volume(dir.path());
+        for p in ["a", "z/sub/deeper"] {
+            std::fs::create_dir_all(backing.join(p)).unwrap();
+        }
+        for p in ["a/x", "a/y", "z/sub/f1", "z/sub/deeper/f2", "z/w"] {
+            std::fs::write(backing.join(p), p).unwrap();
+        }
+        let mut fired = 0;
+        let mut hook = |rel: &[u8]| {
+            // "a" is listed by now: z/sub lands behind the walk, a/y ahead.
+            if rel == b"a/y" && fired == 0 {
+                fired += 1;
+                mv(&v, "z/sub", "a/sub");
+                mv(&v, "a/x", "z/x2");
+            }
+        };
+        let l = list_observed(&v, &backing, Some(b"s"), &mut hook).unwrap();
+        let listed: Vec<String> = l
+            .items
+            .iter()
+            .map(|i| String::from_utf8_lossy(&i.path).to_string())
+            .collect();
+        let mut sorted = listed.clone();
+        sorted.sort();
+        assert_eq!(sorted, tree(&backing), "rounds {}", l.rounds);
+        assert!(l.rounds >= 2 && l.namespace_changes == 2, "{}", l.rounds);
+        assert!(l.at >= l.began + 2);
+        // Parents first.
+        for (i, p) in listed.iter().enumerate() {
+            if let Some((parent, _)) = p.rsplit_once('/') {
+                assert!(
+                    listed[..i].iter().any(|q| q == parent),
+                    "{p} before {parent}"
+                );
+            }
+        }
+        // Content is read by identity: a file renamed after the listing is
+        // still read whole.
+        mv(&v, "a/sub/f1", "moved-later");
+        let f1 = l.items.iter().find(|i| i.path == b"a/sub/f1").unwrap();
+        let data = read_chunk(&f1.reader().unwrap(), 0, 100).unwrap();
+        assert_eq!(data, b"z/sub/f1");
+    }
 
     #[test]
     fn minimal_keeps_no_path_beneath_another() {
