@@ -100,7 +100,8 @@ struct Seen {
 struct Walker<'a> {
     volume: &'a Volume,
     backing: Arc<OwnedFd>,
-    root_dev: u64,
+    /// The device whose file handles are used; None: descriptors only.
+    root_dev: Option<u64>,
     hidden: Option<&'a [u8]>,
     state_key: Option<(u64, u64)>,
     map: BTreeMap<Vec<u8>, Seen>,
@@ -122,7 +123,13 @@ fn list_observed(
     seen: &mut dyn FnMut(&[u8]),
 ) -> io::Result<Listing> {
     let root: OwnedFd = File::open(backing)?.into();
-    let root_dev = fstat(&root)?.st_dev;
+    // Handles only where they open again here (open_by_handle_at needs
+    // CAP_DAC_READ_SEARCH); otherwise descriptors, as a filesystem without
+    // handles gets.
+    let root_dev = match file_handle(&root).is_some_and(|h| handle_opens(&root, h)) {
+        true => Some(fstat(&root)?.st_dev),
+        false => None,
+    };
     let mut w = Walker {
         volume,
         backing: Arc::new(root),
@@ -463,7 +470,7 @@ impl Walker<'_> {
             libc::S_IFLNK => (EntryKind::Symlink, readlink_fd(&fd)?),
             _ => return Ok(None),
         };
-        let handle = match (st.st_dev == self.root_dev)
+        let handle = match (Some(st.st_dev) == self.root_dev)
             .then(|| file_handle(&fd))
             .flatten()
         {
@@ -601,6 +608,24 @@ pub fn read_chunk(f: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     }
     buf.truncate(got);
     Ok(buf)
+}
+
+/// Whether `h` opens again beneath `mount`.
+fn handle_opens(mount: &OwnedFd, mut h: Vec<u32>) -> bool {
+    // SAFETY: `h` is a struct file_handle as name_to_handle_at filled it.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            h.as_mut_ptr().cast(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a new fd we own.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    true
 }
 
 /// A file handle for the object behind `fd`, if its filesystem gives one.
