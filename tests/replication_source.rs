@@ -166,7 +166,8 @@ fn guest_writes_go_on_during_a_snapshot_of_a_large_tree() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     c.replicas[0].daemon.start();
-    wait_log(&c, "snapshot sent");
+    // The listing is over once the primary starts sending entries.
+    wait_log(&c, "sending a full snapshot");
     let total = writer.finish_after(200);
     c.wait_converged();
     assert_same_tree(&c.primary.backing, &c.replicas[0].mirror, &|_| false);
