@@ -20,8 +20,8 @@
 //! change, so the listing is the namespace at `at` (argued in full in
 //! docs/ARCHITECTURE.md, "Snapshot and catch-up without the namespace
 //! lock"). After [`MAX_ROUNDS`] disturbed rounds the next one holds the
-//! namespace lock exclusively over the few paths the previous window
-//! touched, never over the tree.
+//! namespace lock exclusively over the paths the previous window touched
+//! (the whole tree only if the journal dropped records of that window).
 //!
 //! **Content afterwards.** Regular files (and directories, symlinks) keep the
 //! descriptor opened at their observation; attributes, extended attributes
