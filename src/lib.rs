@@ -8,6 +8,7 @@ pub mod fuse;
 pub mod journal;
 pub mod mount;
 pub mod path;
+pub mod primary;
 pub mod protocol;
 pub mod replica;
 pub mod transport;
