@@ -25,6 +25,12 @@ pub async fn read_message(
                 dec.finish().map_err(|e| e.to_string())?;
                 return Ok(None);
             }
+            Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(c))) => {
+                return Err(format!(
+                    "the peer closed the connection: {}",
+                    String::from_utf8_lossy(&c.reason)
+                ));
+            }
             Err(e) => return Err(format!("stream read failed: {e}")),
         }
     }
@@ -34,6 +40,15 @@ pub async fn read_message(
 pub async fn write_bytes(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), String> {
     match tokio::time::timeout(WRITE_TIMEOUT, send.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
+        Ok(Err(quinn::WriteError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(
+            c,
+        )))) => {
+            // The peer said why it closed (close_with): that is the error.
+            Err(format!(
+                "the peer closed the connection: {}",
+                String::from_utf8_lossy(&c.reason)
+            ))
+        }
         Ok(Err(e)) => Err(format!("stream write failed: {e}")),
         Err(_) => Err(format!(
             "peer stopped reading (a write waited {} s)",
