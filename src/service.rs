@@ -115,6 +115,18 @@ pub fn notify_stopping() {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }
 
+/// The modules whose problems are always exported (zero until one comes).
+const KINDS: [&str; 8] = [
+    "main",
+    "mount",
+    "volume",
+    "fuse",
+    "journal",
+    "protocol",
+    "transport",
+    "replica",
+];
+
 /// Builds the daemon's report: the transport's status, the journal, the
 /// logged problems and the health verdict, all from one snapshot.
 pub struct Reporter {
@@ -139,7 +151,12 @@ impl Reporter {
     pub fn report(&self) -> Report {
         let status = (self.status.lock().unwrap_or_else(|e| e.into_inner()))();
         let journal = self.journal.as_ref().map(|j| journal_status(j));
-        let (mut errors, warnings) = logged_problems();
+        let (mut errors, mut warnings) = logged_problems();
+        // Every kind is there from the start, so a rate() sees the first one.
+        for m in KINDS {
+            errors.entry(m.to_string()).or_insert(0);
+            warnings.entry(m.to_string()).or_insert(0);
+        }
         let refused: u64 = status
             .peers
             .iter()
