@@ -97,10 +97,10 @@ fn peer_name(p: &PeerStatus) -> String {
 
 /// Judges a snapshot: the worst of its peers decides.
 ///
-/// - a peer in error: critical;
+/// - a connected peer in error (e.g. a diverged mirror): critical;
 /// - lag above `crit_lag`: critical; above `warn_lag`: warning;
-/// - a peer not connected: warning (its lag then grows with every write, so
-///   it turns critical once the thresholds say so);
+/// - a peer not connected (down, unreachable): warning; its lag then grows
+///   with every write, so it turns critical once the thresholds say so;
 /// - a replica that refused records: warning;
 /// - a primary without peers: normal (nothing to replicate to).
 pub fn evaluate(s: &Status, t: &Thresholds) -> Health {
@@ -113,8 +113,23 @@ pub fn evaluate(s: &Status, t: &Thresholds) -> Health {
     for p in &s.peers {
         let name = peer_name(p);
         let lag = Duration::from_secs_f64(p.lag_seconds.max(0.0));
-        if let Some(e) = &p.error {
-            note(HealthState::Critical, format!("peer {name}: error: {e}"));
+        match (&p.error, p.connected) {
+            (Some(e), true) => note(HealthState::Critical, format!("peer {name}: error: {e}")),
+            (Some(e), false) => note(
+                HealthState::Warning,
+                format!(
+                    "peer {name}: not connected, {} records behind: {e}",
+                    p.lag_records
+                ),
+            ),
+            (None, false) => note(
+                HealthState::Warning,
+                format!(
+                    "peer {name}: not connected ({}), {} records behind",
+                    p.state, p.lag_records
+                ),
+            ),
+            (None, true) => {}
         }
         if lag > t.crit_lag {
             note(
@@ -132,15 +147,6 @@ pub fn evaluate(s: &Status, t: &Thresholds) -> Health {
                     "peer {name}: lag {:.1} s above {}",
                     p.lag_seconds,
                     show_duration(t.warn_lag)
-                ),
-            );
-        }
-        if !p.connected {
-            note(
-                HealthState::Warning,
-                format!(
-                    "peer {name}: not connected ({}, {} records behind)",
-                    p.state, p.lag_records
                 ),
             );
         }
@@ -292,7 +298,12 @@ mod tests {
         assert!(h.reason.contains("lag"), "{}", h.reason);
         s.peers = vec![peer(false, 0.0)];
         assert_eq!(evaluate(&s, &t).state, HealthState::Warning);
-        s.peers[0].error = Some("boom".into());
+        s.peers[0].error = Some("cannot connect".into());
+        assert_eq!(evaluate(&s, &t).state, HealthState::Warning);
+        s.peers[0].lag_seconds = 400.0;
+        assert_eq!(evaluate(&s, &t).state, HealthState::Critical);
+        s.peers = vec![peer(true, 0.0)];
+        s.peers[0].error = Some("diverged".into());
         assert_eq!(evaluate(&s, &t).state, HealthState::Critical);
         s.peers.clear();
         assert_eq!(evaluate(&s, &t).state, HealthState::Normal);
