@@ -227,11 +227,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 pub fn show_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         format!("{ms}ms")
-    } else if ms % 3_600_000 == 0 && ms > 0 {
+    } else if ms.is_multiple_of(3_600_000) && ms > 0 {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 && ms > 0 {
+    } else if ms.is_multiple_of(60_000) && ms > 0 {
         format!("{}m", ms / 60_000)
     } else {
         format!("{}s", ms / 1000)
@@ -287,7 +287,6 @@ mod tests {
             role: "primary".into(),
             last_seq: 9,
             peers: vec![peer(true, 0.0)],
-            ..Status::default()
         };
         assert_eq!(evaluate(&s, &t).state, HealthState::Normal);
         s.peers[0].lag_seconds = 31.0;
