@@ -349,13 +349,31 @@ fn start_notified(
     (child, log, String::from_utf8_lossy(&buf[..n]).to_string())
 }
 
+/// Whether `line` holds an RFC 3339 timestamp (2026-01-02T03:04:...).
+fn has_timestamp(line: &str) -> bool {
+    let b = line.as_bytes();
+    let d = |i: usize| b.get(i).is_some_and(|c| c.is_ascii_digit());
+    (0..b.len()).any(|i| {
+        (0..4).all(|k| d(i + k))
+            && b.get(i + 4) == Some(&b'-')
+            && d(i + 5)
+            && d(i + 6)
+            && b.get(i + 7) == Some(&b'-')
+            && d(i + 8)
+            && d(i + 9)
+            && b.get(i + 10) == Some(&b'T')
+    })
+}
+
+/// Under systemd: no timestamp of our own (journald adds one), no colours.
 fn no_timestamps(log: &str) {
     assert!(!log.is_empty());
+    assert!(has_timestamp("x 2026-12-04T21:40:00.1Z INFO"));
     for line in log.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
+        assert!(!has_timestamp(line), "a timestamp under systemd: {line:?}");
         assert!(
-            !first.chars().next().is_some_and(|c| c.is_ascii_digit()),
-            "a timestamp under systemd: {line:?}"
+            !line.contains('\u{1b}'),
+            "colour codes under systemd: {line:?}"
         );
     }
 }
