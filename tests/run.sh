@@ -38,6 +38,8 @@ command -v cargo-deb >/dev/null || cargo install cargo-deb --version 3.8.0 --loc
 [ -e /dev/fuse ] || { echo "/dev/fuse is missing: modprobe fuse" >&2; exit 1; }
 # QEMU, busybox and a guest kernel for the power-cut harness (tests/powercut.rs).
 bash tests/powercut/setup.sh
+# libvirtd, virtlogd and the libvirt-qemu user for tests/libvirt.rs (no systemd).
+bash tests/libvirt/setup.sh
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
