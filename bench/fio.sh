@@ -11,6 +11,9 @@
 #                disk, not tmpfs [default: <repo>/target/fio-bench]
 #   MOUNT_ARGS   extra args for `replicafs mount` for a single variant named "custom"
 #   VARIANTS     ';'-separated list of NAME|ARGS[|BDI] (ARGS may be empty), or "all".
+#                The word @peer in ARGS starts a replica daemon on loopback for the
+#                variant and stands for its --peer ADDR=FINGERPRINT (the journal then
+#                holds writes for it and the shipper reads them back)
 #                BDI: space-separated KEY=VALUE written to /sys/class/bdi/<mount>/KEY
 #                after mounting (read_ahead_kb, max_ratio, strict_limit, ...), or with
 #                KEY=conn.NAME to /sys/fs/fuse/connections/<mount>/NAME (max_background,
@@ -167,12 +170,46 @@ unmount() {
         umount "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true
     fi
     MOUNTED=0
+    stop_replica
 }
 trap 'unmount' EXIT
 trap 'exit 130' INT TERM
 
+REPLICA_PID=
+stop_replica() {
+    if [[ -n $REPLICA_PID ]]; then
+        kill -TERM "$REPLICA_PID" 2>/dev/null || true
+        wait "$REPLICA_PID" 2>/dev/null || true
+    fi
+    REPLICA_PID=
+}
+
+# A replica daemon on loopback for a variant whose ARGS hold the word @peer
+# (replaced by --peer ADDR=FINGERPRINT); its mirror is under BENCH_DIR/replica.
+start_replica() { # NAME; prints the --peer argument
+    local r=$BENCH_DIR/replica pfp rfp port
+    rm -rf "$r"; mkdir -p "$r/state" "$r/mirror"
+    pfp=$("$BIN" keygen --force --state-dir "$BACKING/.replicafs")
+    rfp=$("$BIN" keygen --force --state-dir "$r/state")
+    port=$((20000 + RANDOM % 20000))
+    nice -n "$NICE" "$BIN" replica --mirror "$r/mirror" --listen "127.0.0.1:$port" \
+        --state-dir "$r/state" --trust "$pfp" >"$OUT/replica-$1.log" 2>&1 &
+    REPLICA_PID=$!
+    echo "--peer 127.0.0.1:$port=$rfp"
+}
+
 mount_variant() { # NAME ARGS...
     local name=$1; shift
+    local args=()
+    for a in "$@"; do
+        if [[ $a == @peer ]]; then
+            # shellcheck disable=SC2207
+            args+=($(start_replica "$name"))
+        else
+            args+=("$a")
+        fi
+    done
+    set -- "${args[@]}"
     nice -n "$NICE" "$BIN" mount "$BACKING" "$MNT" "$@" >"$OUT/daemon-$name.log" 2>&1 &
     DAEMON_PID=$!
     MOUNTED=1

@@ -268,6 +268,22 @@ sync_activity_log = false
     }
 
     #[test]
+    fn payload_modes_parse() {
+        use crate::journal::PayloadMode;
+        assert_eq!(
+            Config::default().journal.options.payload,
+            PayloadMode::Backing
+        );
+        for (text, want) in [
+            ("journal", PayloadMode::Journal),
+            ("backing", PayloadMode::Backing),
+        ] {
+            let c = Config::parse(&format!("[journal]\npayload = \"{text}\"\n"), "t").unwrap();
+            assert_eq!(c.journal.options.payload, want);
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_refused_with_the_line() {
         let e = Config::parse("threads = 2\nbogus = 1\n", "t")
             .unwrap_err()
@@ -311,6 +327,10 @@ sync_activity_log = false
             "metrics_listen = \"localhost\"",
             "[health]\nwarn_lag = \"soon\"",
             "[health]\nwarn_lag = \"10m\"\ncrit_lag = \"5m\"",
+            "[journal]\npayload = \"disk\"",
+            "[journal]\nheld_records = 99999999999",
+            // Set by the daemon from its peers, not a key.
+            "[journal]\nhold_for_peers = true",
         ] {
             assert!(Config::parse(bad, "t").is_err(), "{bad} accepted");
         }

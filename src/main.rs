@@ -184,6 +184,19 @@ enum JournalCommand {
         #[arg(long)]
         payload: bool,
     },
+    /// Checks the journal against the backing dir: every write record's bytes
+    /// are in its payload, in a preimage, or still in the backing file, or a
+    /// later record changed them. Exits 1 when one is not.
+    Verify {
+        #[command(flatten)]
+        state: StateArgs,
+        /// The backing dir [default: the state dir's parent, for BACKING/.replicafs].
+        #[arg(long)]
+        backing: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Applies the records, in order, onto TARGET (a copy of the starting directory).
     Replay {
         #[command(flatten)]
@@ -302,7 +315,7 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    let opts = mount_options(&args, &config)?;
+    let mut opts = mount_options(&args, &config)?;
     let mut peers = Vec::new();
     for p in &config.peers {
         peers.push(Peer::parse(&format!("{}={}", p.address, p.fingerprint))?);
@@ -312,6 +325,10 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
     }
     if !peers.is_empty() && opts.journal.is_none() {
         return Err("replication needs the journal: drop --no-journal or the peers".into());
+    }
+    if let Some(j) = opts.journal.as_mut() {
+        // Writes kept in the backing file are held for peers to read back.
+        j.hold_for_peers = !peers.is_empty();
     }
     // Before the mount opens the journal: did it close cleanly last time?
     let journal_dir = replicafs::journal::journal_dir(
@@ -588,6 +605,16 @@ fn show_path(p: &[u8]) -> String {
 fn describe(op: &Op) -> String {
     match op {
         Op::Write { path, offset } => format!("{} offset={offset}", show_path(path)),
+        Op::WriteBacked {
+            path,
+            offset,
+            len,
+            crc,
+        } => format!(
+            "{} offset={offset} len={len} crc={crc:08x} (bytes in the backing file)",
+            show_path(path)
+        ),
+        Op::Preimage { of } => format!("bytes of seq {of}"),
         Op::Truncate { path, size } => format!("{} size={size}", show_path(path)),
         Op::Fallocate {
             path,
@@ -733,6 +760,46 @@ fn run_journal(cmd: JournalCommand) -> Result<(), BoxError> {
                 }
             }
         }
+        JournalCommand::Verify {
+            state,
+            backing,
+            json,
+        } => {
+            let backing = match backing {
+                Some(b) => b,
+                None if state.state_dir.file_name() == Some(STATE_DIR_NAME.as_ref()) => state
+                    .state_dir
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .ok_or("the state dir has no parent: give --backing")?,
+                None => {
+                    return Err("give --backing (the state dir is not BACKING/.replicafs)".into());
+                }
+            };
+            let j = inspect_journal(&state.state_dir)?;
+            let rep = replicafs::journal::verify::verify(|| j.records(0, u64::MAX), &backing)
+                .map_err(|e| format!("cannot read the journal: {e}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                println!("records                      {}", rep.records);
+                println!("writes with their bytes      {}", rep.writes_with_payload);
+                println!("writes kept in the backing:");
+                println!("  bytes in a preimage        {}", rep.preserved);
+                println!("  bytes in place             {}", rep.in_place);
+                println!("  changed by a later record  {}", rep.superseded);
+                println!("bad preimages                {:?}", rep.bad_preimages);
+                println!("bytes nowhere, unexplained   {:?}", rep.unexplained);
+            }
+            if !rep.ok() {
+                return Err(format!(
+                    "{} write records have bytes nowhere, {} preimages do not match their write",
+                    rep.unexplained.len(),
+                    rep.bad_preimages.len()
+                )
+                .into());
+            }
+        }
         JournalCommand::Replay { state, target, to } => {
             let j = inspect_journal(&state.state_dir)?;
             let applier = Applier::new(&target)
@@ -741,6 +808,15 @@ fn run_journal(cmd: JournalCommand) -> Result<(), BoxError> {
             let mut last = None;
             for r in j.records(0, to.unwrap_or(u64::MAX)) {
                 let r = r?;
+                if matches!(r.op, Op::WriteBacked { .. }) {
+                    return Err(format!(
+                        "record {} keeps its bytes in the backing file (journal.payload = \"backing\"): \
+                         this journal cannot replay a mount on its own; a journal written with \
+                         journal.payload = \"journal\" can",
+                        r.seq
+                    )
+                    .into());
+                }
                 applier
                     .apply(&r)
                     .map_err(|e| format!("record {} ({}): {e}", r.seq, r.op.name()))?;

@@ -235,7 +235,9 @@ fn kill_9_under_load_loses_nothing_silently() {
     let config = dir.path().join("replicafs.toml");
     std::fs::write(
         &config,
-        "[journal]\nextent_bytes = 262144\nactivity_slots = 32\n",
+        // The journal keeps every write's bytes, so that its replay alone is
+        // compared with the backing dir.
+        "[journal]\nextent_bytes = 262144\nactivity_slots = 32\npayload = \"journal\"\n",
     )
     .unwrap();
 
@@ -440,6 +442,14 @@ impl Drop for SmallFs {
 /// journal goes on once there is room, and no CLEAN is written at the end.
 #[test]
 fn a_failed_journal_write_fails_the_fsync_and_marks_the_region_dirty() {
+    failed_journal_write("journal");
+    failed_journal_write("backing");
+}
+
+/// `payload`: the journal.payload mode. With "backing" a record is a few
+/// dozen bytes, so many writes are needed to need a new page of the full
+/// filesystem.
+fn failed_journal_write(payload: &str) {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("backing");
@@ -459,7 +469,10 @@ fn a_failed_journal_write_fails_the_fsync_and_marks_the_region_dirty() {
     let config = dir.path().join("replicafs.toml");
     std::fs::write(
         &config,
-        format!("state_dir = {:?}\n", state.display().to_string()),
+        format!(
+            "state_dir = {:?}\n[journal]\npayload = {payload:?}\n",
+            state.display().to_string()
+        ),
     )
     .unwrap();
 
@@ -481,7 +494,10 @@ fn a_failed_journal_write_fails_the_fsync_and_marks_the_region_dirty() {
     while filler.write_all(&chunk).is_ok() {}
     drop(filler);
 
-    f.write_all_at(&[2u8; 65536], 0).unwrap();
+    let writes = if payload == "backing" { 256 } else { 1 };
+    for i in 0..writes {
+        f.write_all_at(&[2u8; 65536], i * 131072).unwrap();
+    }
     let err = f
         .sync_data()
         .expect_err("fsync acknowledged a record the journal could not write");
@@ -500,8 +516,8 @@ fn a_failed_journal_write_fails_the_fsync_and_marks_the_region_dirty() {
     assert!(
         dirty
             .iter()
-            .any(|d| d.path == b"disk.img" && d.offset == 0 && d.len >= 65536),
-        "the failed record's region is not dirty: {:?}",
+            .any(|d| d.path == b"disk.img" && d.offset < writes * 131072 && d.len >= 65536),
+        "{payload}: the failed record's region is not dirty: {:?}",
         dirty.iter().map(|d| (d.offset, d.len)).collect::<Vec<_>>()
     );
     m.stop();
@@ -509,4 +525,73 @@ fn a_failed_journal_write_fails_the_fsync_and_marks_the_region_dirty() {
         !state.join("journal/CLEAN").exists(),
         "CLEAN written over a failed journal write"
     );
+}
+
+/// `journal verify` stands in for the replay of a journal whose writes keep
+/// their bytes in the backing file: it passes after a workload with
+/// overwrites, and names the record whose bytes were changed behind the mount.
+#[test]
+fn verify_checks_a_backing_journal_against_the_backing_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&backing).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let state = backing.join(".replicafs");
+    let config = dir.path().join("replicafs.toml");
+    std::fs::write(&config, "").unwrap();
+    let mut m = MountProc::start(&backing, &mnt, &config);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(mnt.join("disk.img"))
+        .unwrap();
+    f.write_all_at(&[1u8; 65536], 0).unwrap();
+    f.sync_all().unwrap();
+    f.write_all_at(&[2u8; 4096], 4096).unwrap();
+    f.write_all_at(&[3u8; 65536], 1 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    std::fs::rename(mnt.join("disk.img"), mnt.join("moved.img")).unwrap();
+    m.stop();
+
+    let out = journal_cmd(&["verify", "--json"], &state);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["unexplained"], serde_json::json!([]), "{v}");
+    assert!(
+        v["superseded"].as_u64().unwrap() >= 1,
+        "the rename explains them: {v}"
+    );
+
+    // Changed behind the mount: the record of the last write is named.
+    let mut m = MountProc::start(&backing, &mnt, &config);
+    let g = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("moved.img"))
+        .unwrap();
+    g.write_all_at(&[4u8; 4096], 1 << 21).unwrap();
+    g.sync_all().unwrap();
+    drop(g);
+    m.stop();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(backing.join("moved.img"))
+        .unwrap();
+    f.write_all_at(&[9u8], (1 << 21) + 7).unwrap();
+    drop(f);
+    let out = Command::new(BIN)
+        .args(["journal", "verify", "--json", "--state-dir"])
+        .arg(&state)
+        .env("REPLICAFS_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "verify passed a changed backing file"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["unexplained"].as_array().unwrap().len(), 1, "{v}");
 }

@@ -21,12 +21,28 @@ fn write_at(p: &std::path::Path, data: &[u8], off: u64) {
 #[test]
 fn sighup_reloads_the_exclusion_rules_and_keeps_them_on_a_bad_config() {
     let d = Dirs::new();
-    std::fs::write(&d.config, "exclude = [\"*.swap\"]\n").unwrap();
+    std::fs::write(
+        &d.config,
+        format!(
+            "{}{}",
+            "exclude = [\"*.swap\"]\n",
+            proc_common::PAYLOAD_IN_JOURNAL
+        ),
+    )
+    .unwrap();
     let mut m = MountProc::start(&d, &[]);
     write_at(&d.mnt.join("before.swap"), b"1", 0);
     write_at(&d.mnt.join("before.tmp"), b"1", 0);
 
-    std::fs::write(&d.config, "exclude = [\"*.tmp\"]\n").unwrap();
+    std::fs::write(
+        &d.config,
+        format!(
+            "{}{}",
+            "exclude = [\"*.tmp\"]\n",
+            proc_common::PAYLOAD_IN_JOURNAL
+        ),
+    )
+    .unwrap();
     m.signal(libc::SIGHUP);
     m.wait_log("exclusion rules reloaded", 1);
     write_at(&d.mnt.join("after.swap"), b"2", 0);
@@ -35,7 +51,15 @@ fn sighup_reloads_the_exclusion_rules_and_keeps_them_on_a_bad_config() {
     write_at(&d.mnt.join("before.tmp"), b"3", 1);
 
     // A bad config: a clear error, the rules in force stay.
-    std::fs::write(&d.config, "exclude = [\"a[\"]\n").unwrap();
+    std::fs::write(
+        &d.config,
+        format!(
+            "{}{}",
+            "exclude = [\"a[\"]\n",
+            proc_common::PAYLOAD_IN_JOURNAL
+        ),
+    )
+    .unwrap();
     m.signal(libc::SIGHUP);
     m.wait_log("not reloaded", 1);
     assert!(m.log_text().contains("ERROR"), "{}", m.log_text());
@@ -75,6 +99,8 @@ fn sighup_reloads_the_exclusion_rules_and_keeps_them_on_a_bad_config() {
 #[test]
 fn a_hard_link_looked_up_by_its_excluded_name_first_is_journaled() {
     let d = Dirs::new();
+    // The journal replay below reproduces the file only from its own bytes.
+    std::fs::write(&d.config, proc_common::PAYLOAD_IN_JOURNAL).unwrap();
     let mut m = MountProc::start(&d, &["--exclude", "*.swap"]);
     write_at(&d.mnt.join("disk.img"), b"first", 0);
     std::fs::hard_link(d.mnt.join("disk.img"), d.mnt.join("disk.swap")).unwrap();

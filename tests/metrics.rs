@@ -190,7 +190,9 @@ fn live_daemons_export_metrics_that_move_with_writes() {
     let payload1 = value(&p1, "replicafs_peer_payload_bytes_total", &peer);
     assert!(payload1 >= (1 << 20) as f64, "payload {payload1}");
     assert!(value(&p1, "replicafs_peer_wire_bytes_total", &peer) > 0.0);
-    assert!(value(&p1, "replicafs_journal_appended_payload_bytes_total", "") >= (1 << 20) as f64);
+    // Write bytes may stay in the backing file (journal.payload = "backing"):
+    // the journal holds at least the records.
+    assert!(value(&p1, "replicafs_journal_bytes", "") > 0.0);
     assert_eq!(
         value(&p1, "replicafs_journal_cap_bytes", ""),
         (8u64 << 30) as f64
@@ -222,6 +224,10 @@ fn live_daemons_export_metrics_that_move_with_writes() {
     assert!(
         payload2 >= payload1 + (1 << 20) as f64,
         "payload {payload1} -> {payload2}"
+    );
+    assert!(
+        value(&p2, "replicafs_journal_appended_payload_bytes_total", "")
+            >= value(&p1, "replicafs_journal_appended_payload_bytes_total", "")
     );
     let (_, r2) = scrape(&raddr);
     assert_eq!(value(&r2, "replicafs_peer_applied_seq", ""), applied2);

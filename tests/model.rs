@@ -594,7 +594,16 @@ fn descriptor_operations_once() {
 /// copied with the journal's newest seq, and the replay is compared at each.
 /// Without the writeback cache, so that an operation's changes reach the
 /// backing dir before its syscall returns.
+///
+/// Writes keep their bytes in the backing file, held as for a peer that never
+/// applies anything. The records are read twice: by a reader racing the
+/// operations, as a shipper does (each overwrite must preserve the bytes it
+/// replaces before the reader gets to them), and after the unmount from the
+/// reopened journal (the held writes put away at the clean close and taken
+/// back). Both must replay every prefix.
 fn run_prefixes(seq: &[Op]) -> Result<(), TestCaseError> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
     let mut m = TestMount::with_options(|o| o.fuse.writeback_cache = false);
     let snaps = tempfile::tempdir().expect("snapshot dir");
     let journal = m
@@ -603,6 +612,28 @@ fn run_prefixes(seq: &[Op]) -> Result<(), TestCaseError> {
         .expect("journaling mount")
         .journal()
         .clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let racing = {
+        let (journal, stop) = (journal.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut next = 1;
+            loop {
+                let done = stop.load(Ordering::Acquire);
+                let last = journal.last_seq();
+                journal.wait_written(last);
+                for r in journal.records(next, last) {
+                    let r = journal.resolve(r.expect("record"));
+                    next = r.seq + 1;
+                    got.push(r);
+                }
+                if done {
+                    return got;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        })
+    };
     let mut side = Actor::new(&m.mnt);
     let mut points = Vec::new();
     let all: Vec<Op> = prelude().into_iter().chain(seq.iter().cloned()).collect();
@@ -620,28 +651,33 @@ fn run_prefixes(seq: &[Op]) -> Result<(), TestCaseError> {
         points.push((journal.last_seq(), snap, op.clone()));
     }
     drop(side);
+    stop.store(true, Ordering::Release);
+    let raced = racing.join().expect("racing reader");
     drop(journal);
     m.unmount();
-    let replayed = tempfile::tempdir().expect("replay dir");
-    let (journal, _) =
-        replicafs::journal::Journal::open(&m.backing.join(".replicafs"), Default::default())
-            .expect("open journal");
-    let applier = replicafs::journal::apply::Applier::new(replayed.path()).expect("applier");
-    let mut next = 1;
-    for (seq, snap, op) in points {
-        for r in journal.records(next, seq) {
-            let r = r.expect("record");
-            applier.apply(&r).expect("apply");
+    let journal = common::open_journal(&m.backing.join(".replicafs"), &m.backing);
+    let reopened: Vec<_> = journal
+        .records(1, u64::MAX)
+        .map(|r| journal.resolve(r.expect("record")))
+        .collect();
+    for (how, records) in [("racing reader", raced), ("reopened journal", reopened)] {
+        let replayed = tempfile::tempdir().expect("replay dir");
+        let applier = replicafs::journal::apply::Applier::new(replayed.path()).expect("applier");
+        let mut records = records.into_iter().peekable();
+        for (seq, snap, op) in &points {
+            while let Some(r) = records.next_if(|r| r.seq <= *seq) {
+                applier.apply(&r).expect("apply");
+            }
+            let diffs = common::compare_trees(snap, replayed.path());
+            prop_assert!(
+                diffs.is_empty(),
+                "{}: journal through seq {} (after {:?}) vs backing dir then:\n  {}",
+                how,
+                seq,
+                op,
+                diffs.join("\n  ")
+            );
         }
-        next = seq + 1;
-        let diffs = common::compare_trees(&snap, replayed.path());
-        prop_assert!(
-            diffs.is_empty(),
-            "journal through seq {} (after {:?}) vs backing dir then:\n  {}",
-            seq,
-            op,
-            diffs.join("\n  ")
-        );
     }
     Ok(())
 }

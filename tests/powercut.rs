@@ -232,8 +232,11 @@ fn rel(path: &[u8]) -> String {
         .to_string()
 }
 
-/// Some journaled write covers the promise's block with its bytes.
-fn journaled(frames: &[Record], p: &Promise) -> bool {
+/// Some journaled write covers the promise's block with its bytes: in its
+/// payload, or (a write whose bytes stay in the backing file) by the crc of
+/// the range it wrote, read from `backing` after the cut (the workload never
+/// writes a block twice, so the range still holds what was written).
+fn journaled(frames: &[Record], backing: &Path, p: &Promise) -> bool {
     let want = block_of(&p.tag);
     let (lo, hi) = (p.slot * BLOCK, (p.slot + 1) * BLOCK);
     frames.iter().any(|r| match &r.op {
@@ -243,6 +246,19 @@ fn journaled(frames: &[Record], p: &Promise) -> bool {
                 && *offset <= lo
                 && end >= hi
                 && r.data[(lo - offset) as usize..(hi - offset) as usize] == want[..]
+        }
+        Op::WriteBacked {
+            path,
+            offset,
+            len,
+            crc,
+        } => {
+            let end = offset + *len as u64;
+            rel(path) == p.file
+                && *offset <= lo
+                && end >= hi
+                && read_at(&backing.join(&p.file), *offset, *len as usize)
+                    .is_some_and(|b| record::payload_crc(&b) == *crc)
         }
         _ => false,
     })
@@ -297,7 +313,7 @@ fn check_promises(backing: &Path, frames: Option<&[Record]>, promises: &[Promise
             None => errs.push(format!("{p:?}: the backing file is too short or missing")),
         }
         if let Some(frames) = frames
-            && !journaled(frames, p)
+            && !journaled(frames, backing, p)
         {
             errs.push(format!("{p:?}: no journal record holds it"));
         }
@@ -321,16 +337,27 @@ fn check_replica(frames: &[Record], replica_state: &Path, mirror: &Path) -> Vec<
         ));
     }
     for r in frames.iter().filter(|r| r.seq <= applied) {
-        if let Op::Write { path, offset } = &r.op {
-            let file = rel(path);
-            match read_at(&mirror.join(&file), *offset, r.data.len()) {
-                Some(got) if got == r.data => {}
-                _ => errs.push(format!(
-                    "replica applied = {applied}, but record {} (write {file} at {offset}, {} bytes) is not in its mirror",
-                    r.seq,
-                    r.data.len()
-                )),
+        // Compared by crc32: a write's own bytes, or the crc a write kept
+        // in the backing file was journaled with.
+        let (path, offset, len, crc) = match &r.op {
+            Op::Write { path, offset } => {
+                (path, *offset, r.data.len(), record::payload_crc(&r.data))
             }
+            Op::WriteBacked {
+                path,
+                offset,
+                len,
+                crc,
+            } => (path, *offset, *len as usize, *crc),
+            _ => continue,
+        };
+        let file = rel(path);
+        match read_at(&mirror.join(&file), offset, len) {
+            Some(got) if record::payload_crc(&got) == crc => {}
+            _ => errs.push(format!(
+                "replica applied = {applied}, but record {} (write {file} at {offset}, {len} bytes) is not in its mirror",
+                r.seq,
+            )),
         }
     }
     errs

@@ -131,6 +131,10 @@ pub fn check(r: &Record) -> io::Result<()> {
         | Op::Rmdir { path }
         | Op::RemoveTree { path }
         | Op::SetAttr { path, .. } => checked(path).map(drop),
+        // A primary sends every write with its bytes.
+        Op::WriteBacked { .. } => Err(refused("a write record without its bytes")),
+        // Changes nothing.
+        Op::Preimage { .. } => Ok(()),
     }
 }
 
@@ -312,6 +316,8 @@ impl Applier {
                 self.open_file(path)?.write_all_at(&r.data, *offset)
             }
             Op::Truncate { path, size } => self.open_file(path)?.set_len(*size),
+            Op::Preimage { .. } => Ok(()),
+            Op::WriteBacked { .. } => Err(refused("a write record without its bytes")),
             Op::Fallocate {
                 path,
                 mode,

@@ -15,8 +15,10 @@
 pub mod apply;
 pub mod dirty;
 pub mod exclude;
+pub mod held;
 pub mod record;
 pub mod segment;
+pub mod verify;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
@@ -55,6 +57,30 @@ pub struct JournalOptions {
     /// Most frame bytes queued for the writer; past it writers wait, so
     /// memory stays bounded when the disk is slower than the guest. Default 64 MiB.
     pub queue_bytes: u64,
+    /// Where the bytes of a guest write are kept: `"backing"` (default): only
+    /// in the backing file, the record holds their metadata and crc, and a
+    /// range is copied into the journal only when a change overwrites it
+    /// before every peer applied it; `"journal"`: every write's bytes are
+    /// also copied into the journal (the journal alone can replay the mount).
+    pub payload: PayloadMode,
+    /// Most writes held in the backing file for peers at once; a write beyond
+    /// it carries its payload in the journal. Default 262144 (about 25 MiB).
+    pub held_records: usize,
+    /// Most files with held writes at once (one open descriptor each). Default 1024.
+    pub held_files: usize,
+    /// Whether writes are held for peers; set by the daemon when it ships to
+    /// peers (with none, nobody reads the bytes back). Not a config key.
+    #[serde(skip)]
+    pub hold_for_peers: bool,
+}
+
+/// See [`JournalOptions::payload`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadMode {
+    #[default]
+    Backing,
+    Journal,
 }
 
 impl Default for JournalOptions {
@@ -67,6 +93,10 @@ impl Default for JournalOptions {
             sync_activity_log: true,
             index_cache_bytes: 32 << 20,
             queue_bytes: 64 << 20,
+            payload: PayloadMode::Backing,
+            held_records: 262_144,
+            held_files: 1024,
+            hold_for_peers: false,
         }
     }
 }
@@ -93,6 +123,12 @@ impl JournalOptions {
         }
         if self.queue_bytes < (1 << 20) {
             return Err("journal.queue_bytes must be at least 1 MiB".into());
+        }
+        if self.held_records > 16 << 20 {
+            return Err("journal.held_records must be at most 16777216".into());
+        }
+        if self.held_files > 65_536 {
+            return Err("journal.held_files must be at most 65536".into());
         }
         Ok(())
     }
@@ -281,6 +317,20 @@ pub struct Journal {
     options: JournalOptions,
     /// The backing dir, synced (syncfs) before the clean marker is written.
     backing: Mutex<Option<PathBuf>>,
+    /// Writes whose bytes are held in the backing file (see [`held`]).
+    held: held::Held,
+    /// seq of a held write -> seq of the `Preimage` record with its bytes.
+    preimages: sled::Tree,
+    /// Held writes at the last clean close: seq -> path, range and crc.
+    held_at_close: sled::Tree,
+}
+
+/// A file a write may be held in: its identity and how to open it for reading.
+pub struct HeldSource<'a> {
+    pub key: held::FileKey,
+    pub open: &'a dyn Fn() -> io::Result<std::fs::File>,
+    /// The write came through O_DIRECT (see [`held::HeldWrite::direct`]).
+    pub direct: bool,
 }
 
 const CLEAN_MARKER: &str = "CLEAN";
@@ -340,6 +390,8 @@ impl Journal {
         let index = db.open_tree("index")?;
         let meta = db.open_tree("meta")?;
         let dirty = DirtyList::new(db.open_tree("dirty")?);
+        let preimages = db.open_tree("preimages")?;
+        let held_at_close = db.open_tree("held")?;
 
         let marker = dir.join(CLEAN_MARKER);
         let clean_next: Option<u64> = std::fs::read_to_string(&marker)
@@ -437,6 +489,12 @@ impl Journal {
         for (path, idx) in &hot {
             dirty.add_range(path, idx * options.extent_bytes, options.extent_bytes)?;
         }
+        if !recovery.clean {
+            // Nothing held before an unclean stop is served (every peer is
+            // owed a snapshot), and a seq may be handed out again.
+            preimages.clear()?;
+            held_at_close.clear()?;
+        }
         db.flush()?;
 
         let shared = Arc::new(Shared {
@@ -499,8 +557,11 @@ impl Journal {
                 writer: Mutex::new(Some(handle)),
                 activity_epoch: activity.epoch_handle(),
                 activity: Mutex::new(activity),
+                held: held::Held::new(options.held_records, options.held_files),
                 options,
                 backing: Mutex::new(None),
+                preimages,
+                held_at_close,
             },
             recovery,
         ))
@@ -523,6 +584,12 @@ impl Journal {
     /// Assigns the next seq to `op` and queues it; returns the seq. The caller
     /// holds the file's mutation lock, so per-file order is seq order.
     pub fn append(&self, op: &Op, data: &[u8]) -> u64 {
+        self.append_then(op, data, |_| ())
+    }
+
+    /// [`Journal::append`], calling `before_send` with the seq before the
+    /// frame goes to the writer (so nobody can read the record before it).
+    fn append_then(&self, op: &Op, data: &[u8], before_send: impl FnOnce(u64)) -> u64 {
         let op_bytes = record::encode_op(op);
         let frame_len = (record::HEADER_LEN + op_bytes.len() + data.len()) as u64;
         // Room first, the seq after: a seq handed out is never held up behind
@@ -531,6 +598,7 @@ impl Journal {
         let seq = self.next_seq.fetch_add(1, Ordering::AcqRel);
         let mut bytes = Vec::with_capacity(frame_len as usize);
         record::encode_frame(seq, &op_bytes, data, &mut bytes);
+        before_send(seq);
         self.shared
             .payload_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -646,6 +714,7 @@ impl Journal {
     /// syncs its filesystem before it declares the journal clean.
     pub fn set_backing_dir(&self, backing: &Path) {
         *self.backing.lock().unwrap_or_else(|e| e.into_inner()) = Some(backing.to_owned());
+        self.take_held_back(backing);
     }
 
     #[cfg(test)]
@@ -656,6 +725,7 @@ impl Journal {
     /// Forgets records up to `seq` (every replica applied them); whole segments
     /// at or below it are deleted.
     pub fn trim_through(&self, seq: u64) {
+        self.release_held_through(seq);
         self.send(Msg::Trim(seq));
     }
 
@@ -795,6 +865,12 @@ impl Journal {
     /// then CLEAN written and its directory synced. If the journal could not
     /// be made durable, no marker is written and the next open recovers.
     pub fn close(&self) -> Result<(), JournalError> {
+        if self.tx.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            return Ok(());
+        }
+        // While the writer runs: a held write of a file with no name left
+        // is preserved in the journal.
+        self.put_held_away();
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(tx) = tx else {
             return Ok(());
@@ -1346,7 +1422,11 @@ impl Writer {
             self.next_write += 1;
         }
         self.append_frames(frames)?;
-        self.index.apply_batch(batch).map_err(io::Error::other)?;
+        // The index only says where reads start scanning (the segments are
+        // the truth): a failed insert costs a longer scan, not the records.
+        if let Err(e) = self.index.apply_batch(batch) {
+            warn!(error = %e, "journal index insert failed; reads scan from an earlier entry");
+        }
         {
             let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
             st.written = self.next_write - 1;
@@ -1617,6 +1697,9 @@ fn mark_ops_dirty(dirty: &DirtyList, ops: impl IntoIterator<Item = (Op, u64)>) {
     for (op, data_len) in ops {
         match op {
             Op::Write { path, offset } => ranges.entry(path).or_default().push((offset, data_len)),
+            Op::WriteBacked {
+                path, offset, len, ..
+            } => ranges.entry(path).or_default().push((offset, len as u64)),
             other => mark_op_dirty(dirty, &other, data_len),
         }
     }
@@ -1640,6 +1723,11 @@ pub fn mark_record_dirty(dirty: &DirtyList, r: &Record) {
 pub fn mark_op_dirty(dirty: &DirtyList, op: &Op, data_len: u64) {
     let res = match op {
         Op::Write { path, offset } => dirty.add_range(path, *offset, data_len),
+        Op::WriteBacked {
+            path, offset, len, ..
+        } => dirty.add_range(path, *offset, *len as u64),
+        // Changes nothing (the write it preserves has its own record).
+        Op::Preimage { .. } => Ok(()),
         Op::Fallocate {
             path, offset, len, ..
         } => dirty.add_range(path, *offset, *len),

@@ -111,6 +111,24 @@ pub enum Op {
         path: Vec<u8>,
         name: Vec<u8>,
     },
+    /// A write whose bytes were not copied into the journal: they are in the
+    /// backing file (journal.payload = "backing"), and, if a later change
+    /// overwrote them before every peer applied this record, in the payload
+    /// of a [`Op::Preimage`] record. `crc` is the crc32 of the bytes written;
+    /// whoever serves them checks it. Never sent to a replica: the shipper
+    /// turns it into a [`Op::Write`] with its bytes.
+    WriteBacked {
+        path: Vec<u8>,
+        offset: u64,
+        len: u32,
+        crc: u32,
+    },
+    /// The bytes of the `WriteBacked` record `of`, copied from the backing
+    /// file just before a change overwrote them (copy-before-write). It
+    /// changes nothing: a replica applies it, without its payload, as a no-op.
+    Preimage {
+        of: u64,
+    },
 }
 
 impl Op {
@@ -129,8 +147,10 @@ impl Op {
             | Op::RemoveTree { path }
             | Op::SetAttr { path, .. }
             | Op::SetXattr { path, .. }
-            | Op::RemoveXattr { path, .. } => path,
+            | Op::RemoveXattr { path, .. }
+            | Op::WriteBacked { path, .. } => path,
             Op::Rename { from, .. } => from,
+            Op::Preimage { .. } => b"",
         }
     }
 
@@ -166,6 +186,8 @@ impl Op {
             Op::SetAttr { .. } => "setattr",
             Op::SetXattr { .. } => "setxattr",
             Op::RemoveXattr { .. } => "removexattr",
+            Op::WriteBacked { .. } => "write-backed",
+            Op::Preimage { .. } => "preimage",
         }
     }
 }
@@ -256,6 +278,11 @@ fn checksum(header_without_crc: &[u8; HEADER_LEN], op: &[u8], data: &[u8]) -> u3
     h.update(op);
     h.update(data);
     h.finalize()
+}
+
+/// crc32 of a write's bytes, as a [`Op::WriteBacked`] record carries it.
+pub fn payload_crc(data: &[u8]) -> u32 {
+    crc32fast::hash(data)
 }
 
 pub fn encode_op(op: &Op) -> Vec<u8> {

@@ -556,6 +556,8 @@ fn read_batch(
     let mut through = from - 1;
     for r in j.records(from, target) {
         let r = r.map_err(|e| format!("cannot read the journal: {e}"))?;
+        // A write kept in the backing file travels with its bytes.
+        let r = j.resolve(r);
         if r.seq != through + 1 {
             if out.is_empty() {
                 return Ok(Read::Gap(from, r.seq - 1));

@@ -328,6 +328,9 @@ impl Volume {
             if changes.kill_suidgid && changes.mode.is_none() {
                 self.kill_suidgid(&inode, path.as_deref())?;
             }
+            if let Some(r) = rec {
+                r.preserve(&inode, path.as_deref(), size, u64::MAX);
+            }
             match &file {
                 Some(f) if f.writable() => sys::ftruncate(f.file.as_raw_fd(), size)?,
                 _ => sys::truncate_path(&proc, size)?,
@@ -648,8 +651,9 @@ impl Volume {
         let fd = if let (Some(r), true) = (&self.recorder, truncates) {
             let _ns = r.data_lock();
             let _order = inode.mutation.lock().unwrap_or_else(|e| e.into_inner());
-            let fd = sys::open_path(&proc, self.backing_flags(flags))?;
             let path = r.journaled_path(&inode);
+            r.preserve(&inode, path.as_deref(), 0, u64::MAX);
+            let fd = sys::open_path(&proc, self.backing_flags(flags))?;
             if caller.uid != 0 {
                 self.kill_suidgid(&inode, path.as_deref())?;
             }
@@ -758,6 +762,14 @@ impl Volume {
                 mask |= libc::W_OK;
             }
             self.access(ino, mask, caller)?;
+            // Create holds the namespace lock exclusively: no write to the
+            // file runs meanwhile.
+            if let Some(r) = &self.recorder
+                && flags & libc::O_TRUNC != 0
+                && acc != libc::O_RDONLY
+            {
+                r.preserve(&inode, None, 0, u64::MAX);
+            }
             if inode.is_symlink() {
                 return Err(Error::from_errno(libc::ELOOP));
             }
@@ -807,20 +819,18 @@ impl Volume {
         if let (Some(r), Some(p)) = (rec, &path) {
             overfull = r.ensure_hot(&mut state, p, offset, data.len() as u64);
         }
+        if let Some(r) = rec {
+            r.preserve(&f.inode, path.as_deref(), offset, end);
+        }
         // The pwrite runs unlocked; overlapping writes wait for its record.
         let flight = f.inode.mutation.begin_flight(state, offset, end);
         let written = f.write_all_at(data, offset);
         let state = flight.finish();
         written?;
         let seq = match (rec, &path) {
-            (Some(r), Some(p)) => Some(r.record(
-                Some(&f.inode),
-                &Op::Write {
-                    path: p.to_vec(),
-                    offset,
-                },
-                data,
-            )),
+            (Some(r), Some(p)) => {
+                Some(r.record_write(&f.inode, p, offset, data, f.flags & libc::O_DIRECT != 0))
+            }
             _ => None,
         };
         drop(state);
@@ -904,6 +914,22 @@ impl Volume {
         if let (Some(r), Some(p)) = (rec, &path) {
             overfull = r.ensure_hot(&mut state, p, offset, length);
         }
+        if let Some(r) = rec {
+            // Punching, zeroing or shifting bytes changes them.
+            let shifts =
+                mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0;
+            let clears = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
+            if shifts {
+                r.preserve(&f.inode, path.as_deref(), offset, u64::MAX);
+            } else if clears {
+                r.preserve(
+                    &f.inode,
+                    path.as_deref(),
+                    offset,
+                    offset.saturating_add(length),
+                );
+            }
+        }
         sys::fallocate(f.file.as_raw_fd(), mode, offset, length)?;
         if let (Some(r), Some(p)) = (rec, &path) {
             let op = Op::Fallocate {
@@ -962,6 +988,14 @@ impl Volume {
         let mut overfull = false;
         if let (Some(r), Some(p)) = (rec, &path) {
             overfull = r.ensure_hot(&mut state, p, offset_out, len);
+        }
+        if let Some(r) = rec {
+            r.preserve(
+                &fout.inode,
+                path.as_deref(),
+                offset_out,
+                offset_out.saturating_add(len),
+            );
         }
         let n = sys::copy_file_range(
             fin.file.as_raw_fd(),

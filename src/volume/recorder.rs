@@ -300,6 +300,44 @@ impl Recorder {
         seq
     }
 
+    /// Appends the record of a guest write of `data` at `offset`, already in
+    /// the backing file: the journal may keep the bytes there (see
+    /// [`Journal::append_write`]), held through a readable descriptor of
+    /// the inode.
+    pub fn record_write(
+        &self,
+        inode: &Inode,
+        path: &[u8],
+        offset: u64,
+        data: &[u8],
+        direct: bool,
+    ) -> u64 {
+        use std::os::fd::AsRawFd;
+        let open = || -> std::io::Result<std::fs::File> {
+            let proc = super::sys::proc_path(inode.fd().as_raw_fd());
+            super::sys::open_path(&proc, libc::O_RDONLY | libc::O_CLOEXEC)
+                .map(std::fs::File::from)
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        };
+        let src = crate::journal::HeldSource {
+            key: inode.key,
+            open: &open,
+            direct,
+        };
+        let seq = self.journal.append_write(path, offset, data, Some(src));
+        inode.last_seq.fetch_max(seq, Ordering::AcqRel);
+        seq
+    }
+
+    /// Before bytes `start..end` of `inode` change (whether or not the change
+    /// is journaled: the file may be excluded or unlinked now, and still hold
+    /// writes recorded earlier): the writes held there are preserved first.
+    /// The caller holds the inode's mutation lock.
+    pub fn preserve(&self, inode: &Inode, path: Option<&[u8]>, start: u64, end: u64) {
+        self.journal
+            .preserve(inode.key, path.unwrap_or(b""), start, end);
+    }
+
     /// Dirty regions follow their files through renames (and swap on exchange).
     pub fn follow_rename(&self, from: &[u8], to: &[u8], flags: u32) {
         let dirty = self.journal.dirty();

@@ -63,6 +63,12 @@ impl TestMount {
         // Enough to serve the concurrency tests, few enough for a 2-core machine
         // running several tests at once.
         opts.threads = 4;
+        // As with a peer that never applies anything: every write stays held
+        // in the backing file, and every overwrite must preserve what it
+        // replaces (the journal replays below check that it did).
+        if let Some(j) = opts.journal.as_mut() {
+            j.hold_for_peers = true;
+        }
         adjust(&mut opts);
         let mounted = match mount::mount(&opts) {
             Ok(m) => m,
@@ -349,15 +355,30 @@ pub fn assert_no_mount_under(root: &Path) {
     assert!(left.is_empty(), "mounts left under {prefix}: {left:?}");
 }
 
-/// Applies the journal of `state_dir` (not mounted) onto `target`, records
-/// 1..=`to`; returns how many were applied.
+/// The journal of `state_dir` (not mounted), opened as the mount does, with
+/// the writes it held at its clean close held again from `backing`.
+pub fn open_journal(state_dir: &Path, backing: &Path) -> replicafs::journal::Journal {
+    let opts = replicafs::journal::JournalOptions {
+        hold_for_peers: true,
+        ..Default::default()
+    };
+    let (journal, _) = replicafs::journal::Journal::open(state_dir, opts).expect("open journal");
+    journal.set_backing_dir(backing);
+    journal
+}
+
+/// Applies the journal of `state_dir` (not mounted; its backing dir is its
+/// parent) onto `target`, records 1..=`to`, each as a replica receives it
+/// (writes with the bytes the journal serves); returns how many were applied.
 pub fn replay_journal(state_dir: &Path, target: &Path, to: u64) -> u64 {
-    let (journal, _) =
-        replicafs::journal::Journal::open(state_dir, Default::default()).expect("open journal");
+    let journal = open_journal(state_dir, state_dir.parent().expect("backing dir"));
     let applier = replicafs::journal::apply::Applier::new(target).expect("replay target");
     let mut n = 0;
     for r in journal.records(0, to) {
-        let r = r.expect("read record");
+        let r = journal.resolve(r.expect("read record"));
+        if matches!(r.op, replicafs::journal::Op::Preimage { of } if of == r.seq) {
+            panic!("record {}: the journal could not serve its bytes", r.seq);
+        }
         if let Err(e) = applier.apply(&r) {
             panic!("replaying record {} {:?}: {e}", r.seq, r.op);
         }

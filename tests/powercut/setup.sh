@@ -6,20 +6,30 @@ set -euo pipefail
 cache=${POWERCUT_CACHE:-/var/cache/replicafs-powercut}
 
 need=()
-# qemu-system-x86 may replace a newer qemu-utils (qemu-img, qemu-io, which
-# other tests use) by its own version, or remove it: install both together.
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86 qemu-utils)
+system=0
+# A newer qemu-utils (qemu-img, qemu-io, which other tests use; a backport,
+# say) breaks the distribution's qemu-system-x86: install both together, at
+# the system emulator's version (a downgrade of qemu-utils if need be).
+command -v qemu-system-x86_64 >/dev/null || system=1
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 # The initramfs needs a static busybox (no libraries of its own).
 if ! command -v busybox >/dev/null || ldd "$(command -v busybox)" >/dev/null 2>&1; then
   need+=(busybox-static)
 fi
 command -v mkfs.ext4 >/dev/null && command -v debugfs >/dev/null || need+=(e2fsprogs)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing: ${need[*]}"
+if [ ${#need[@]} -gt 0 ] || [ $system = 1 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq "${need[@]}" >/dev/null
+  extra=()
+  if [ $system = 1 ]; then
+    ver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2; exit}')
+    [ -n "$ver" ] && [ "$ver" != "(none)" ] || { echo "no qemu-system-x86 package" >&2; exit 1; }
+    need=("${need[@]/#qemu-utils/}")
+    need+=(qemu-system-x86 "qemu-utils=$ver")
+    extra+=(--allow-downgrades)
+  fi
+  echo "installing: ${need[*]}"
+  apt-get install -y -qq "${extra[@]}" ${need[@]} >/dev/null
 fi
 
 if ! ls "$cache"/kernel/boot/vmlinuz-* >/dev/null 2>&1; then

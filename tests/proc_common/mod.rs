@@ -176,14 +176,21 @@ pub fn journal_cmd(args: &[&str], state: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-/// The paths that have a record of kind `kind` ("write", "mknod", …) in the journal dump.
+/// The paths that have a record of kind `kind` ("write", "mknod", …) in the
+/// journal dump; "write" counts writes whose bytes stayed in the backing file.
 pub fn journaled(state: &Path, kind: &str) -> Vec<String> {
     journal_cmd(&["dump"], state)
         .lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
             let _seq = it.next()?;
-            (it.next()? == kind).then(|| l.split('"').nth(1).map(str::to_string))?
+            let k = it.next()?;
+            (k == kind || (kind == "write" && k == "write-backed"))
+                .then(|| l.split('"').nth(1).map(str::to_string))?
         })
         .collect()
 }
+
+/// Config text that makes the journal keep every write's bytes, so that
+/// `journal replay` alone reproduces the mount.
+pub const PAYLOAD_IN_JOURNAL: &str = "[journal]\npayload = \"journal\"\n";
