@@ -117,10 +117,8 @@ where
         rep.records += 1;
         match &r.op {
             Op::Write { .. } => rep.writes_with_payload += 1,
-            Op::Preimage { of } => {
-                if crcs.get(of) != Some(&payload_crc(&r.data)) {
-                    rep.bad_preimages.push(r.seq);
-                }
+            Op::Preimage { of } if crcs.get(of) != Some(&payload_crc(&r.data)) => {
+                rep.bad_preimages.push(r.seq);
             }
             Op::WriteBacked {
                 path,
