@@ -185,17 +185,20 @@ stop_replica() {
 }
 
 # A replica daemon on loopback for a variant whose ARGS hold the word @peer
-# (replaced by --peer ADDR=FINGERPRINT); its mirror is under BENCH_DIR/replica.
-start_replica() { # NAME; prints the --peer argument
+# (replaced by --peer ADDR=FINGERPRINT, left in PEER_ARG); its mirror is under
+# BENCH_DIR/replica. Not in a subshell: REPLICA_PID must survive.
+PEER_ARG=
+start_replica() { # NAME
     local r=$BENCH_DIR/replica pfp rfp port
     rm -rf "$r"; mkdir -p "$r/state" "$r/mirror"
     pfp=$("$BIN" keygen --force --state-dir "$BACKING/.replicafs")
     rfp=$("$BIN" keygen --force --state-dir "$r/state")
     port=$((20000 + RANDOM % 20000))
+    # The lock descriptor stays with this script, not with the daemon.
     nice -n "$NICE" "$BIN" replica --mirror "$r/mirror" --listen "127.0.0.1:$port" \
-        --state-dir "$r/state" --trust "$pfp" >"$OUT/replica-$1.log" 2>&1 &
+        --state-dir "$r/state" --trust "$pfp" >"$OUT/replica-$1.log" 2>&1 9>&- &
     REPLICA_PID=$!
-    echo "--peer 127.0.0.1:$port=$rfp"
+    PEER_ARG="--peer 127.0.0.1:$port=$rfp"
 }
 
 mount_variant() { # NAME ARGS...
@@ -203,14 +206,15 @@ mount_variant() { # NAME ARGS...
     local args=()
     for a in "$@"; do
         if [[ $a == @peer ]]; then
-            # shellcheck disable=SC2207
-            args+=($(start_replica "$name"))
+            start_replica "$name"
+            # shellcheck disable=SC2206
+            args+=($PEER_ARG)
         else
             args+=("$a")
         fi
     done
     set -- "${args[@]}"
-    nice -n "$NICE" "$BIN" mount "$BACKING" "$MNT" "$@" >"$OUT/daemon-$name.log" 2>&1 &
+    nice -n "$NICE" "$BIN" mount "$BACKING" "$MNT" "$@" >"$OUT/daemon-$name.log" 2>&1 9>&- &
     DAEMON_PID=$!
     MOUNTED=1
     for _ in $(seq 100); do

@@ -11,6 +11,7 @@ pub mod journal;
 pub mod metrics;
 pub mod mount;
 pub mod path;
+pub mod primary;
 pub mod protocol;
 pub mod replica;
 pub mod service;

@@ -596,7 +596,7 @@ fn descriptor_operations_once() {
 /// backing dir before its syscall returns.
 ///
 /// Writes keep their bytes in the backing file, held as for a peer that never
-/// applies anything. The records are read twice: by a reader racing the
+/// applies anything, with a ring of 16 KiB. The records are read twice: by a reader racing the
 /// operations, as a shipper does (each overwrite must preserve the bytes it
 /// replaces before the reader gets to them), and after the unmount from the
 /// reopened journal (the held writes put away at the clean close and taken
@@ -604,7 +604,14 @@ fn descriptor_operations_once() {
 fn run_prefixes(seq: &[Op]) -> Result<(), TestCaseError> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let mut m = TestMount::with_options(|o| o.fuse.writeback_cache = false);
+    let mut m = TestMount::with_options(|o| {
+        o.fuse.writeback_cache = false;
+        // A ring of a few writes: held writes are served from it, from the
+        // file and from preimages (overwrites and evictions) in one run.
+        if let Some(j) = o.journal.as_mut() {
+            j.ring_bytes = 16 << 10;
+        }
+    });
     let snaps = tempfile::tempdir().expect("snapshot dir");
     let journal = m
         .volume()

@@ -43,10 +43,20 @@ pub struct HeldWrite {
     pub direct: bool,
 }
 
+/// Where a held write's bytes can be read now.
+#[derive(Clone)]
+pub enum Source {
+    /// In memory (the ring): exactly the bytes written.
+    Ring(Arc<[u8]>),
+    /// In the backing file, to be read and checked against the crc.
+    File(HeldWrite, Arc<File>),
+}
+
 struct HeldFile {
     file: Arc<File>,
-    /// Held writes of the file by (offset, seq): an overlap query looks at
-    /// the writes starting less than [`MAX_HELD_LEN`] before its range only.
+    /// Held writes whose bytes are in the file, by (offset, seq): an overlap
+    /// query looks at the writes starting less than [`MAX_HELD_LEN`] before
+    /// its range only.
     ranges: BTreeSet<(u64, u64)>,
     /// Slots reserved for records whose seq is being assigned.
     reserved: usize,
@@ -54,9 +64,17 @@ struct HeldFile {
 
 #[derive(Default)]
 struct Inner {
-    by_seq: BTreeMap<u64, HeldWrite>,
+    /// Every held write, with whether its bytes are still in the file.
+    by_seq: BTreeMap<u64, (HeldWrite, bool)>,
     files: HashMap<FileKey, HeldFile>,
     reserved: usize,
+    /// Bytes of recent held writes (DRBD protocol A sends from its buffer
+    /// too): the shipper reads them without a pread, and an overwrite of a
+    /// write that is here only detaches it from the file, with no copy.
+    ring: HashMap<u64, Arc<[u8]>>,
+    /// Ring entries oldest first, for eviction.
+    ring_order: std::collections::VecDeque<u64>,
+    ring_bytes: usize,
     /// Every record up to this seq was applied by every peer.
     released: u64,
 }
@@ -66,19 +84,26 @@ pub struct Held {
     inner: Mutex<Inner>,
     max_records: usize,
     max_files: usize,
+    ring_cap: usize,
 }
 
 impl Held {
-    pub fn new(max_records: usize, max_files: usize) -> Held {
+    pub fn new(max_records: usize, max_files: usize, ring_cap: usize) -> Held {
         Held {
             inner: Mutex::new(Inner::default()),
             max_records,
             max_files,
+            ring_cap,
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the ring would take `len` more bytes (it evicts to make room).
+    pub fn ring_takes(&self, len: usize) -> bool {
+        len <= self.ring_cap
     }
 
     /// Reserves room for one more held record of `key`, opening the file with
@@ -115,8 +140,15 @@ impl Held {
     }
 
     /// Turns a reservation into the held record `seq` (called before the
-    /// record can be read by anyone).
-    pub fn insert(&self, seq: u64, w: HeldWrite) {
+    /// record can be read by anyone), with its bytes in the ring if given.
+    /// Returns the writes the ring evicted whose bytes are nowhere else: the
+    /// caller preserves them, then [`Held::remove`]s them.
+    pub fn insert(
+        &self,
+        seq: u64,
+        w: HeldWrite,
+        bytes: Option<Arc<[u8]>>,
+    ) -> Vec<(u64, Arc<[u8]>)> {
         let mut g = self.lock();
         g.reserved = g.reserved.saturating_sub(1);
         let released = seq <= g.released;
@@ -126,11 +158,40 @@ impl Held {
                 f.ranges.insert((w.offset, seq));
             }
         }
-        if !released {
-            g.by_seq.insert(seq, w);
-        } else {
+        if released {
             Self::drop_idle(&mut g, w.key);
+            return Vec::new();
         }
+        g.by_seq.insert(seq, (w, true));
+        let mut spill = Vec::new();
+        if let Some(b) = bytes {
+            g.ring_bytes += b.len();
+            g.ring.insert(seq, b);
+            g.ring_order.push_back(seq);
+            // Bytes being spilled count as gone: they leave once preserved.
+            let mut spilling = 0usize;
+            while g.ring_bytes.saturating_sub(spilling) > self.ring_cap
+                && let Some(old) = g.ring_order.pop_front()
+            {
+                let in_file = g.by_seq.get(&old).map(|e| e.1);
+                match in_file {
+                    // The file has them: the ring copy can go.
+                    Some(true) | None => {
+                        if let Some(b) = g.ring.remove(&old) {
+                            g.ring_bytes -= b.len();
+                        }
+                    }
+                    // Only here: the caller preserves them first.
+                    Some(false) => {
+                        if let Some(b) = g.ring.get(&old) {
+                            spilling += b.len();
+                            spill.push((old, b.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        spill
     }
 
     fn drop_idle(g: &mut Inner, key: FileKey) {
@@ -142,81 +203,138 @@ impl Held {
         }
     }
 
-    /// The held record `seq` and the file to read it from.
-    pub fn get(&self, seq: u64) -> Option<(HeldWrite, Arc<File>)> {
+    fn source(g: &Inner, seq: u64) -> Option<Source> {
+        if let Some(b) = g.ring.get(&seq) {
+            return Some(Source::Ring(b.clone()));
+        }
+        let (w, in_file) = *g.by_seq.get(&seq)?;
+        if !in_file {
+            return None;
+        }
+        Some(Source::File(w, g.files.get(&w.key)?.file.clone()))
+    }
+
+    /// Where the held record `seq`'s bytes are.
+    pub fn get(&self, seq: u64) -> Option<Source> {
+        Self::source(&self.lock(), seq)
+    }
+
+    /// [`Held::get`] of each seq that is held.
+    pub fn get_many(&self, seqs: &[u64]) -> Vec<(u64, Source)> {
         let g = self.lock();
-        let w = *g.by_seq.get(&seq)?;
-        let f = g.files.get(&w.key)?.file.clone();
-        Some((w, f))
+        seqs.iter()
+            .filter_map(|s| Some((*s, Self::source(&g, *s)?)))
+            .collect()
     }
 
-    pub fn contains(&self, seq: u64) -> bool {
-        self.lock().by_seq.contains_key(&seq)
+    /// The seqs of `seqs` whose bytes are still in their file (no change
+    /// to their range has begun).
+    pub fn in_file_many(&self, seqs: impl Iterator<Item = u64>) -> std::collections::HashSet<u64> {
+        let g = self.lock();
+        seqs.filter(|s| g.by_seq.get(s).is_some_and(|e| e.1))
+            .collect()
     }
 
-    /// Held records of `key` whose range overlaps `start..end`, oldest first.
+    /// Held writes of `key` whose bytes in the file overlap `start..end`,
+    /// oldest first, for a change about to overwrite them. Those the ring
+    /// has are detached from the file here (they need nothing more); the
+    /// others are returned for the caller to preserve.
     pub fn overlapping(
         &self,
         key: FileKey,
         start: u64,
         end: u64,
     ) -> Vec<(u64, HeldWrite, Arc<File>)> {
-        let g = self.lock();
-        let Some(f) = g.files.get(&key) else {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let Some(f) = g.files.get_mut(&key) else {
             return Vec::new();
         };
         if start >= end {
             return Vec::new();
         }
-        let mut hits: Vec<_> = f
+        let hits: Vec<(u64, u64)> = f
             .ranges
             .range((start.saturating_sub(MAX_HELD_LEN as u64), 0)..(end, 0))
-            .filter_map(|(_, s)| g.by_seq.get(s).map(|w| (*s, *w)))
-            .filter(|(_, w)| w.offset < end && start < w.offset + w.len as u64)
-            .map(|(s, w)| (s, w, f.file.clone()))
+            .copied()
             .collect();
-        hits.sort_by_key(|h| h.0);
-        hits
+        let mut out = Vec::new();
+        for (offset, seq) in hits {
+            let Some(entry) = g.by_seq.get_mut(&seq) else {
+                continue;
+            };
+            let w = entry.0;
+            if !(w.offset < end && start < w.offset + w.len as u64) {
+                continue;
+            }
+            if g.ring.contains_key(&seq) {
+                entry.1 = false;
+                f.ranges.remove(&(offset, seq));
+            } else {
+                out.push((seq, w, f.file.clone()));
+            }
+        }
+        out.sort_by_key(|h| h.0);
+        let key_idle = f.ranges.is_empty() && f.reserved == 0;
+        if key_idle {
+            g.files.remove(&key);
+        }
+        out
     }
 
-    /// Every held record, oldest first.
-    pub fn all(&self) -> Vec<(u64, HeldWrite, Arc<File>)> {
+    /// Every held record, oldest first, with its file (while its bytes are
+    /// in it) and its bytes in the ring (if there).
+    #[allow(clippy::type_complexity)]
+    pub fn all(&self) -> Vec<(u64, HeldWrite, Option<Arc<File>>, Option<Arc<[u8]>>)> {
         let g = self.lock();
         g.by_seq
             .iter()
-            .filter_map(|(s, w)| g.files.get(&w.key).map(|f| (*s, *w, f.file.clone())))
+            .map(|(s, (w, in_file))| {
+                let file = in_file
+                    .then(|| g.files.get(&w.key).map(|f| f.file.clone()))
+                    .flatten();
+                (*s, *w, file, g.ring.get(s).cloned())
+            })
             .collect()
+    }
+
+    fn remove_locked(g: &mut Inner, seq: u64) {
+        if let Some((w, in_file)) = g.by_seq.remove(&seq) {
+            if in_file && let Some(f) = g.files.get_mut(&w.key) {
+                f.ranges.remove(&(w.offset, seq));
+            }
+            Self::drop_idle(g, w.key);
+        }
+        if let Some(b) = g.ring.remove(&seq) {
+            g.ring_bytes -= b.len();
+        }
     }
 
     /// Stops holding `seq` (its bytes were preserved, or are not needed).
     pub fn remove(&self, seq: u64) {
-        let mut g = self.lock();
-        if let Some(w) = g.by_seq.remove(&seq) {
-            if let Some(f) = g.files.get_mut(&w.key) {
-                f.ranges.remove(&(w.offset, seq));
-            }
-            Self::drop_idle(&mut g, w.key);
-        }
+        Self::remove_locked(&mut self.lock(), seq);
     }
 
     /// Every peer applied the records up to `seq`: they need not be held.
     pub fn release_through(&self, seq: u64) {
         let mut g = self.lock();
         g.released = g.released.max(seq);
-        let keep = g.by_seq.split_off(&(seq + 1));
-        let gone = std::mem::replace(&mut g.by_seq, keep);
-        for (s, w) in gone {
-            if let Some(f) = g.files.get_mut(&w.key) {
-                f.ranges.remove(&(w.offset, s));
+        // From the front: the cost is what is released, not what stays held.
+        while let Some((&s, _)) = g.by_seq.first_key_value() {
+            if s > seq {
+                break;
             }
-            Self::drop_idle(&mut g, w.key);
+            Self::remove_locked(&mut g, s);
+        }
+        while g.ring_order.front().is_some_and(|&s| s <= seq) {
+            g.ring_order.pop_front();
         }
     }
 
-    /// Held records and files.
-    pub fn len(&self) -> (usize, usize) {
+    /// Held records, files with held records, and bytes in the ring.
+    pub fn len(&self) -> (usize, usize, usize) {
         let g = self.lock();
-        (g.by_seq.len(), g.files.len())
+        (g.by_seq.len(), g.files.len(), g.ring_bytes)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -280,7 +398,14 @@ impl Journal {
                     crc,
                     direct: src.direct,
                 };
-                return self.append_then(&op, &[], |seq| self.held.insert(seq, w));
+                // The one user-space copy of a held write: into the ring.
+                let bytes = self.held.ring_takes(data.len()).then(|| Arc::from(data));
+                let mut spill = Vec::new();
+                let seq = self.append_then(&op, &[], |seq| spill = self.held.insert(seq, w, bytes));
+                for (s, b) in spill {
+                    self.spill(s, &b);
+                }
+                return seq;
             }
         }
         self.append(
@@ -303,6 +428,16 @@ impl Journal {
         for (seq, w, file) in self.held.overlapping(key, start, end) {
             self.preserve_one(seq, &w, &file, Some(path));
         }
+    }
+
+    /// A write the ring evicts while its range in the file was overwritten:
+    /// its bytes go into a `Preimage` record before the ring lets them go.
+    fn spill(&self, seq: u64, bytes: &[u8]) {
+        let p = self.append(&Op::Preimage { of: seq }, bytes);
+        if let Err(e) = self.preimages.insert(seq_key(seq), &seq_key(p)) {
+            error!(seq, error = %e, "cannot index a preimage");
+        }
+        self.held.remove(seq);
     }
 
     /// Copies a held write's bytes into a `Preimage` record, then stops
@@ -336,16 +471,24 @@ impl Journal {
     /// The bytes of the `WriteBacked` record `seq`: from the backing file while
     /// it is held, else from its preimage; None when neither has them.
     fn backed_bytes(&self, seq: u64, crc: u32) -> Option<Vec<u8>> {
-        if let Some((w, file)) = self.held.get(seq) {
-            let bytes = read_checked(&file, &w);
-            if w.direct {
-                drop_cached(&file, &w);
+        match self.held.get(seq) {
+            Some(Source::Ring(b)) => return Some(b.to_vec()),
+            Some(Source::File(w, file)) => {
+                let bytes = read_checked(&file, &w);
+                if w.direct {
+                    drop_cached(&file, &w);
+                }
+                // Still in the file after the read: no change began before
+                // it ended (a change detaches or preserves first).
+                if bytes.is_some() && self.held.in_file_many(std::iter::once(seq)).contains(&seq) {
+                    return bytes;
+                }
+                // Changed meanwhile: the ring or a preimage has them now.
+                if let Some(Source::Ring(b)) = self.held.get(seq) {
+                    return Some(b.to_vec());
+                }
             }
-            // Still held after the read: no change began before it ended
-            // (a change preserves, and so stops holding, before it starts).
-            if bytes.is_some() && self.held.contains(seq) {
-                return bytes;
-            }
+            None => {}
         }
         let p = self.preimages.get(seq_key(seq)).ok().flatten()?;
         let p = u64::from_be_bytes(p.as_ref().try_into().ok()?);
@@ -399,6 +542,57 @@ impl Journal {
         }
     }
 
+    /// [`Journal::resolve`] for a batch of records in seq order, taking the
+    /// held table's lock twice for the batch rather than twice per record.
+    pub fn resolve_all(&self, records: Vec<Record>) -> Vec<Record> {
+        let wanted: Vec<u64> = records
+            .iter()
+            .filter(|r| matches!(r.op, Op::WriteBacked { .. }))
+            .map(|r| r.seq)
+            .collect();
+        let found = self.held.get_many(&wanted);
+        let mut bytes: HashMap<u64, Vec<u8>> = HashMap::with_capacity(found.len());
+        let mut from_file = Vec::new();
+        for (seq, src) in &found {
+            match src {
+                Source::Ring(b) => {
+                    bytes.insert(*seq, b.to_vec());
+                }
+                Source::File(w, file) => {
+                    if let Some(b) = read_checked(file, w) {
+                        if w.direct {
+                            drop_cached(file, w);
+                        }
+                        bytes.insert(*seq, b);
+                        from_file.push(*seq);
+                    }
+                }
+            }
+        }
+        // Still in the file after the reads ended: no change began before
+        // they did. The others are served one by one below.
+        let still = self.held.in_file_many(from_file.iter().copied());
+        for s in from_file {
+            if !still.contains(&s) {
+                bytes.remove(&s);
+            }
+        }
+        records
+            .into_iter()
+            .map(|r| match (&r.op, bytes.remove(&r.seq)) {
+                (Op::WriteBacked { path, offset, .. }, Some(data)) => Record {
+                    seq: r.seq,
+                    op: Op::Write {
+                        path: path.clone(),
+                        offset: *offset,
+                    },
+                    data,
+                },
+                _ => self.resolve(r),
+            })
+            .collect()
+    }
+
     /// Every peer applied the records up to `seq`: their bytes need not be
     /// held, and their preimages are not needed.
     pub(super) fn release_held_through(&self, seq: u64) {
@@ -414,8 +608,8 @@ impl Journal {
         }
     }
 
-    /// Held writes and files with held writes, now.
-    pub fn held_counts(&self) -> (usize, usize) {
+    /// Held writes, files with held writes and bytes in the ring, now.
+    pub fn held_counts(&self) -> (usize, usize, usize) {
         self.held.len()
     }
 
@@ -429,10 +623,13 @@ impl Journal {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let root = backing.and_then(|b| std::fs::canonicalize(b).ok());
-        for (seq, w, file) in self.held.all() {
-            let rel = root.as_ref().and_then(|root| name_beneath(&file, root));
-            match rel {
-                Some(rel) => {
+        for (seq, w, file, ring) in self.held.all() {
+            let rel = match (&root, &file) {
+                (Some(root), Some(file)) => name_beneath(file, root),
+                _ => None,
+            };
+            match (rel, file, ring) {
+                (Some(rel), _, _) => {
                     let v = PutAway {
                         path: rel,
                         offset: w.offset,
@@ -446,7 +643,9 @@ impl Journal {
                     }
                     self.held.remove(seq);
                 }
-                None => self.preserve_one(seq, &w, &file, None),
+                (None, _, Some(bytes)) => self.spill(seq, &bytes),
+                (None, Some(file), None) => self.preserve_one(seq, &w, &file, None),
+                (None, None, None) => self.held.remove(seq),
             }
         }
     }
@@ -504,7 +703,8 @@ impl Journal {
         if read_checked(&file, &w).is_none() || !self.held.reserve(w.key, &|| file.try_clone()) {
             return false;
         }
-        self.held.insert(seq, w);
+        // In the file only: nothing else is held yet, so nothing spills.
+        self.held.insert(seq, w, None);
         true
     }
 }
@@ -560,7 +760,7 @@ mod tests {
     #[test]
     fn held_records_are_found_by_range_and_released_by_seq() {
         let (f, key) = file_with(&[1u8; 8192]);
-        let h = Held::new(10, 10);
+        let h = Held::new(10, 10, 0);
         let open = || File::open(f.path());
         for (seq, off) in [(5u64, 0u64), (6, 4096)] {
             assert!(h.reserve(key, &open));
@@ -574,6 +774,7 @@ mod tests {
                     crc,
                     direct: false,
                 },
+                None,
             );
         }
         let hit: Vec<u64> = h.overlapping(key, 4000, 4100).iter().map(|x| x.0).collect();
@@ -581,12 +782,14 @@ mod tests {
         let hit: Vec<u64> = h.overlapping(key, 4096, 4097).iter().map(|x| x.0).collect();
         assert_eq!(hit, vec![6]);
         assert!(h.overlapping(key, 8192, 9000).is_empty());
-        let (w, file) = h.get(6).unwrap();
+        let Some(Source::File(w, file)) = h.get(6) else {
+            panic!("held in the file");
+        };
         assert_eq!(read_checked(&file, &w).unwrap(), vec![1u8; 4096]);
         h.release_through(5);
-        assert_eq!(h.len(), (1, 1));
+        assert_eq!(h.len(), (1, 1, 0));
         h.remove(6);
-        assert_eq!(h.len(), (0, 0), "a file with nothing held is closed");
+        assert_eq!(h.len(), (0, 0, 0), "a file with nothing held is closed");
         // A record released before it was inserted is not held.
         assert!(h.reserve(key, &open));
         h.insert(
@@ -598,14 +801,15 @@ mod tests {
                 crc: 0,
                 direct: false,
             },
+            None,
         );
-        assert_eq!(h.len(), (0, 0));
+        assert_eq!(h.len(), (0, 0, 0));
     }
 
     #[test]
     fn a_full_table_refuses_and_a_changed_range_fails_its_check() {
         let (f, key) = file_with(&[2u8; 4096]);
-        let h = Held::new(1, 10);
+        let h = Held::new(1, 10, 0);
         let open = || File::open(f.path());
         assert!(h.reserve(key, &open));
         assert!(!h.reserve(key, &open), "room for one record only");
@@ -616,7 +820,7 @@ mod tests {
             crc: crate::journal::record::payload_crc(&[2u8; 4096]),
             direct: false,
         };
-        h.insert(1, w);
+        h.insert(1, w, None);
         assert!(!h.reserve(key, &open));
         let file = File::options().write(true).open(f.path()).unwrap();
         file.write_all_at(&[3u8], 100).unwrap();
@@ -624,7 +828,7 @@ mod tests {
             read_checked(&file, &w).is_none(),
             "crc must catch the change"
         );
-        let h2 = Held::new(10, 0);
+        let h2 = Held::new(10, 0, 0);
         assert!(!h2.reserve(key, &open), "room for no file");
     }
 
@@ -633,14 +837,67 @@ mod tests {
         j.read(seq)
     }
 
-    fn journal(dir: &Path) -> Journal {
+    /// A journal holding writes for peers, with `ring` bytes of ring.
+    fn journal_with_ring(dir: &Path, ring: u64) -> Journal {
         let opts = crate::journal::JournalOptions {
             cap_bytes: 8 << 20,
             segment_bytes: 1 << 20,
             hold_for_peers: true,
+            ring_bytes: ring,
             ..Default::default()
         };
         Journal::open(dir, opts).unwrap().0
+    }
+
+    fn journal(dir: &Path) -> Journal {
+        journal_with_ring(dir, 0)
+    }
+
+    /// With a ring, an overwrite of a write still there costs nothing: no
+    /// preimage, the bytes are served from memory. When the ring evicts it,
+    /// its bytes go into a preimage first.
+    #[test]
+    fn the_ring_serves_overwritten_writes_and_spills_them_when_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal_with_ring(dir.path(), 8192);
+        let (f, key) = file_with(&[0u8; 16384]);
+        let open = || File::open(f.path());
+        let write = |data: &[u8], off: u64| {
+            j.preserve(key, b"f", off, off + data.len() as u64);
+            f.as_file().write_all_at(data, off).unwrap();
+            let src = HeldSource {
+                key,
+                open: &open,
+                direct: false,
+            };
+            j.append_write(b"f", off, data, Some(src))
+        };
+        let served = |seq| j.resolve(rd(&j, seq).unwrap().unwrap()).data;
+        let a = write(&[1u8; 4096], 0);
+        let b = write(&[2u8; 4096], 0);
+        assert_eq!(j.held_counts().2, 8192, "both in the ring");
+        assert_eq!(served(a), vec![1u8; 4096], "a from the ring, not the file");
+        assert_eq!(served(b), vec![2u8; 4096]);
+        j.wait_written(j.last_seq());
+        assert!(
+            j.records(1, u64::MAX)
+                .all(|r| !matches!(r.unwrap().op, Op::Preimage { .. })),
+            "no copy-before-write while the ring has the bytes"
+        );
+        // A third write evicts a, which exists nowhere else: a preimage.
+        let c = write(&[3u8; 4096], 8192);
+        assert_eq!(served(a), vec![1u8; 4096], "a from its preimage");
+        assert_eq!(served(b), vec![2u8; 4096]);
+        assert_eq!(served(c), vec![3u8; 4096]);
+        j.wait_written(j.last_seq());
+        let pre: Vec<_> = j
+            .records(1, u64::MAX)
+            .map(|r| r.unwrap())
+            .filter(|r| matches!(r.op, Op::Preimage { .. }))
+            .collect();
+        assert_eq!(pre.len(), 1, "{pre:?}");
+        assert_eq!(pre[0].op, Op::Preimage { of: a });
+        assert_eq!(pre[0].data, vec![1u8; 4096]);
     }
 
     /// A held write is served from the file until an overwrite preserves
@@ -742,7 +999,7 @@ mod tests {
             rd(&j, s).unwrap().unwrap().op,
             Op::WriteBacked { .. }
         ));
-        assert_eq!(j.held_counts(), (0, 0));
+        assert_eq!(j.held_counts(), (0, 0, 0));
         drop(j);
         let d2 = tempfile::tempdir().unwrap();
         let (j, _) = Journal::open(d2.path(), opts(true, PayloadMode::Journal, 10)).unwrap();

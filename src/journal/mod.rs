@@ -68,6 +68,10 @@ pub struct JournalOptions {
     pub held_records: usize,
     /// Most files with held writes at once (one open descriptor each). Default 1024.
     pub held_files: usize,
+    /// Memory for the bytes of the newest held writes: the shipper sends
+    /// them from there, and overwriting them costs no copy-before-write.
+    /// Default 32 MiB.
+    pub ring_bytes: u64,
     /// Whether writes are held for peers; set by the daemon when it ships to
     /// peers (with none, nobody reads the bytes back). Not a config key.
     #[serde(skip)]
@@ -96,6 +100,7 @@ impl Default for JournalOptions {
             payload: PayloadMode::Backing,
             held_records: 262_144,
             held_files: 1024,
+            ring_bytes: 32 << 20,
             hold_for_peers: false,
         }
     }
@@ -129,6 +134,9 @@ impl JournalOptions {
         }
         if self.held_files > 65_536 {
             return Err("journal.held_files must be at most 65536".into());
+        }
+        if self.ring_bytes > 16 << 30 {
+            return Err("journal.ring_bytes must be at most 16 GiB".into());
         }
         Ok(())
     }
@@ -168,6 +176,9 @@ pub struct Location {
 
 /// Distance between index entries written by a rebuild.
 const INDEX_STRIDE: u64 = 4 << 20;
+
+/// Least distance between index entries the writer makes.
+const INDEX_GAP: u64 = 256 << 10;
 
 impl Location {
     fn encode(&self) -> [u8; 16] {
@@ -533,6 +544,7 @@ impl Journal {
             needs_roll: false,
             sealed,
             writeback_error: None,
+            indexed: None,
         };
         let handle = std::thread::Builder::new()
             .name("journal-writer".into())
@@ -557,7 +569,11 @@ impl Journal {
                 writer: Mutex::new(Some(handle)),
                 activity_epoch: activity.epoch_handle(),
                 activity: Mutex::new(activity),
-                held: held::Held::new(options.held_records, options.held_files),
+                held: held::Held::new(
+                    options.held_records,
+                    options.held_files,
+                    options.ring_bytes as usize,
+                ),
                 options,
                 backing: Mutex::new(None),
                 preimages,
@@ -1277,6 +1293,8 @@ struct Writer {
     /// Writeback failed while dropping segment pages from the page cache:
     /// the next sync fails with it (fdatasync may not report it again).
     writeback_error: Option<io::Error>,
+    /// The newest index entry this writer made: (segment, offset).
+    indexed: Option<(u64, u64)>,
 }
 
 /// A sealed segment file.
@@ -1409,13 +1427,22 @@ impl Writer {
                 }
                 part_bytes = 0;
             }
-            if frames.is_empty() {
-                // One index entry per batch part: where its first frame starts.
+            let at = self.segment.len + part_bytes;
+            let gap_since_entry = match self.indexed {
+                Some((seg, off)) if seg == self.segment.first_seq => at.saturating_sub(off),
+                _ => u64::MAX,
+            };
+            if frames.is_empty() && gap_since_entry >= INDEX_GAP {
+                // Where a batch part's first frame starts, at most every
+                // INDEX_GAP bytes (and at every segment's start): reads scan
+                // forward from the nearest entry, and one sled insert per
+                // small batch cost more than the batch.
                 let loc = Location {
                     segment: self.segment.first_seq,
                     offset: self.segment.len,
                 };
                 batch.insert(&seq_key(self.next_write), &loc.encode());
+                self.indexed = Some((self.segment.first_seq, self.segment.len));
             }
             part_bytes += bytes.len() as u64;
             frames.push(bytes);

@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::catchup::CatchUp;
 use super::io::{close_with, read_message, write_bytes, write_message};
 use super::server::sleep_until;
 use super::status::{PeerStatus, Status};
 use super::tls::{self, Fingerprint, Identity};
 use crate::journal::Journal;
 use crate::journal::record::Record;
+use crate::primary::catchup::CatchUp;
 use crate::protocol::frame;
 use crate::protocol::message::EntryKind;
 use crate::protocol::state::SenderState;
@@ -107,6 +107,9 @@ struct Shared {
     namespace_loss: AtomicBool,
     /// Peers owed a snapshot after an unclean stop.
     obligations: Obligations,
+    /// An ack moved a peer's applied seq: trimming (and with it the release
+    /// of writes held for the peers) runs now, not at the next tick.
+    acked: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -303,6 +306,7 @@ impl Shipper {
             hidden,
             namespace_loss: AtomicBool::new(false),
             obligations,
+            acked: tokio::sync::Notify::new(),
         });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -435,7 +439,10 @@ async fn housekeeping(sh: Arc<Shared>) {
     let mut trimmed = 0u64;
     let mut last_pass = Instant::now();
     while !sh.stop.load(Ordering::Acquire) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = sh.acked.notified() => {}
+        }
         // A pass journals a quarter of the cap at most, and only while the
         // journal is less than half full: catch-up records must not push
         // unread records (their own included) over the cap.
@@ -556,8 +563,6 @@ fn read_batch(
     let mut through = from - 1;
     for r in j.records(from, target) {
         let r = r.map_err(|e| format!("cannot read the journal: {e}"))?;
-        // A write kept in the backing file travels with its bytes.
-        let r = j.resolve(r);
         if r.seq != through + 1 {
             if out.is_empty() {
                 return Ok(Read::Gap(from, r.seq - 1));
@@ -565,7 +570,12 @@ fn read_batch(
             break;
         }
         through = r.seq;
-        bytes += r.data.len() + 64;
+        // A write kept in the backing file counts the bytes it will carry.
+        let carried = match &r.op {
+            crate::journal::Op::WriteBacked { len, .. } => *len as usize,
+            _ => r.data.len(),
+        };
+        bytes += carried + 64;
         out.push(r);
         if bytes >= max_bytes {
             break;
@@ -574,7 +584,8 @@ fn read_batch(
     if out.is_empty() && target >= from {
         return Ok(Read::Gap(from, target));
     }
-    Ok(Read::Records(out, through))
+    // Writes kept in the backing file travel with their bytes.
+    Ok(Read::Records(j.resolve_all(out), through))
 }
 
 async fn connection(
@@ -820,96 +831,6 @@ async fn send_batch(
     Ok(())
 }
 
-/// (path, kind, metadata, symlink target)
-/// (path, kind, metadata, symlink target or hard-link source, open file)
-type SnapshotItem = (
-    Vec<u8>,
-    EntryKind,
-    std::fs::Metadata,
-    Vec<u8>,
-    Option<std::fs::File>,
-);
-
-/// Entries of the backing dir for a snapshot, parents first, and the journal
-/// seq they stand for. The names are listed and every regular file opened
-/// under the volume's exclusive namespace lock, so the listing is exactly the
-/// namespace at that seq; contents are read later through the open files (by
-/// inode, whatever renames follow), which the tolerant replay makes right.
-fn snapshot_entries(
-    cu: &CatchUp,
-    hidden: Option<&[u8]>,
-) -> std::io::Result<(u64, Vec<SnapshotItem>)> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::MetadataExt;
-    let rec = cu.volume.recorder();
-    let state_key = cu.volume.state_dir_key();
-    let _ns = rec.map(|r| r.namespace_lock());
-    let at = rec.map(|r| r.journal().last_seq()).unwrap_or(0);
-    let mut links: std::collections::HashMap<(u64, u64), Vec<u8>> = Default::default();
-    let mut out = Vec::new();
-    let mut stack = vec![Vec::<u8>::new()];
-    while let Some(dir) = stack.pop() {
-        let abs = cu.backing.join(std::ffi::OsStr::from_bytes(&dir));
-        let mut names: Vec<_> = std::fs::read_dir(&abs)?.filter_map(|e| e.ok()).collect();
-        names.sort_by_key(|e| e.file_name());
-        let mut subdirs = Vec::new();
-        for e in names {
-            let mut rel = dir.clone();
-            if !rel.is_empty() {
-                rel.push(b'/');
-            }
-            rel.extend_from_slice(e.file_name().as_bytes());
-            if Some(rel.as_slice()) == hidden
-                || rec.is_some_and(|r| r.exclusions().is_excluded(&rel))
-            {
-                continue;
-            }
-            let Ok(m) = std::fs::symlink_metadata(e.path()) else {
-                continue;
-            };
-            let ft = m.file_type();
-            // The state dir (keys, journal) by identity, wherever it is now.
-            if ft.is_dir() && Some((m.dev(), m.ino())) == state_key {
-                continue;
-            }
-            if ft.is_dir() {
-                subdirs.push(rel.clone());
-                out.push((rel, EntryKind::Dir, m, Vec::new(), None));
-            } else if ft.is_file() {
-                if m.nlink() > 1 {
-                    if let Some(first) = links.get(&(m.dev(), m.ino())) {
-                        out.push((rel, EntryKind::Link, m, first.clone(), None));
-                        continue;
-                    }
-                    links.insert((m.dev(), m.ino()), rel.clone());
-                }
-                // Beneath the backing dir, no symlink followed, never a fifo.
-                let Some(f) = crate::path::RelPath::parse(&rel)
-                    .ok()
-                    .map(|p| crate::path::open_regular_beneath(&cu.backing, &p))
-                    .transpose()?
-                    .flatten()
-                else {
-                    continue;
-                };
-                out.push((rel, EntryKind::File, m, Vec::new(), Some(f)));
-            } else if ft.is_symlink() {
-                let t = std::fs::read_link(e.path())?;
-                out.push((
-                    rel,
-                    EntryKind::Symlink,
-                    m,
-                    t.as_os_str().as_bytes().to_vec(),
-                    None,
-                ));
-            }
-        }
-        // Depth-first, parents already listed.
-        stack.extend(subdirs.into_iter().rev());
-    }
-    Ok((at, out))
-}
-
 /// Lets a snapshot hold one open file per regular file of the tree.
 fn raise_fd_limit() {
     let mut r = libc::rlimit {
@@ -934,65 +855,71 @@ async fn send_snapshot(
     level: i32,
     throttle: &mut Throttle,
 ) -> Result<u64, String> {
-    use std::os::unix::fs::{FileExt, MetadataExt};
     raise_fd_limit();
     let (cu2, hidden) = (cu.clone(), sh.hidden.clone());
-    let (at, entries) =
-        tokio::task::spawn_blocking(move || snapshot_entries(&cu2, hidden.as_deref()))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("snapshot: cannot list the backing dir: {e}"))?;
-    info!(peer = %sh.peers[i].0.address, at, entries = entries.len(), "sending a full snapshot");
+    let listing = tokio::task::spawn_blocking(move || {
+        crate::primary::snapshot::list(&cu2.volume, &cu2.backing, hidden.as_deref())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("snapshot: cannot list the backing dir: {e}"))?;
+    let at = listing.at;
+    info!(peer = %sh.peers[i].0.address, at, entries = listing.items.len(), rounds = listing.rounds, "sending a full snapshot");
     write_message(send, &Message::SnapshotBegin { at }).await?;
     let (mut files, mut bytes) = (0u64, 0u64);
-    for (path, kind, m, target, file) in entries {
+    for item in listing.items {
+        let item = Arc::new(item);
+        // Attributes now, through the descriptor the listing opened.
+        let it = item.clone();
+        let attrs = tokio::task::spawn_blocking(move || it.attrs())
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mode, uid, gid, size, xattrs) = match (item.kind, attrs) {
+            (EntryKind::Link, _) => (0, 0, 0, 0, Vec::new()),
+            (_, Some(a)) => a,
+            // Gone since the listing and unreadable: the records after
+            // `at` remove or replace it on the replica.
+            (_, None) => (0, 0, 0, 0, Vec::new()),
+        };
         let entry = Message::SnapshotEntry {
-            path: path.clone(),
-            kind,
-            mode: m.mode() & 0o7777,
-            uid: m.uid(),
-            gid: m.gid(),
-            size: m.len(),
-            xattrs: if matches!(kind, EntryKind::Symlink | EntryKind::Link) {
-                Vec::new()
-            } else {
-                use std::os::unix::ffi::OsStrExt;
-                crate::replica::snapshot::list_xattrs(
-                    &cu.backing.join(std::ffi::OsStr::from_bytes(&path)),
-                )
-            },
-            target,
+            path: item.path.clone(),
+            kind: item.kind,
+            mode,
+            uid,
+            gid,
+            size,
+            xattrs,
+            target: item.target.clone(),
         };
         let n = write_message(send, &entry).await?;
         sh.peer(i).wire_bytes += n as u64;
-        if kind != EntryKind::File {
+        if item.kind != EntryKind::File {
             continue;
         }
         files += 1;
-        let Some(f) = file else {
+        let it = item.clone();
+        let reader = tokio::task::spawn_blocking(move || it.reader())
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(reader) = reader.map(Arc::new) else {
             continue;
         };
-        let f = Arc::new(f);
         let mut offset = 0u64;
         loop {
-            let (f2, p2) = (f.clone(), path.clone());
+            let (it, f) = (item.clone(), reader.clone());
             let enc = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; super::catchup::CHUNK as usize];
-                let mut got = 0;
-                while got < buf.len() {
-                    match f2.read_at(&mut buf[got..], offset + got as u64) {
-                        Ok(0) => break,
-                        Ok(n) => got += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(e.to_string()),
-                    }
+                let buf = crate::primary::snapshot::read_chunk(
+                    &f,
+                    offset,
+                    crate::primary::catchup::CHUNK as usize,
+                )
+                .map_err(|e| e.to_string())?;
+                if buf.is_empty() {
+                    return Ok::<_, String>(None);
                 }
-                buf.truncate(got);
-                if got == 0 {
-                    return Ok(None);
-                }
+                let got = buf.len();
                 let msg = Message::SnapshotData {
-                    path: p2,
+                    path: it.path.clone(),
                     offset,
                     data: buf,
                 };
@@ -1079,6 +1006,9 @@ fn on_message(
     let mut s = sh.peer(i);
     s.received = sender.received();
     let applied = sender.applied();
+    if s.applied != Some(applied) {
+        sh.acked.notify_one();
+    }
     s.applied = Some(applied);
     while s.unapplied.front().is_some_and(|&(l, _)| l <= applied) {
         if let Some((_, b)) = s.unapplied.pop_front() {
@@ -1147,6 +1077,44 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(through(read_batch(&j, 6, 100, 1 << 20).unwrap()), 8);
+        j.close().unwrap();
+    }
+
+    /// Writes kept in the backing file fill a batch by the bytes they will
+    /// carry, and are read with them.
+    #[test]
+    fn batches_of_backed_writes_are_bounded_by_their_bytes() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let d = tempfile::tempdir().unwrap();
+        let opts = JournalOptions {
+            hold_for_peers: true,
+            ..Default::default()
+        };
+        let (j, _) = Journal::open(&d.path().join("state"), opts).unwrap();
+        let path = d.path().join("disk.img");
+        let f = std::fs::File::create(&path).unwrap();
+        let m = f.metadata().unwrap();
+        let open = || std::fs::File::open(&path);
+        for i in 0..8u64 {
+            let data = vec![i as u8; 512 << 10];
+            f.write_all_at(&data, i << 19).unwrap();
+            let src = crate::journal::HeldSource {
+                key: (m.dev(), m.ino()),
+                open: &open,
+                direct: false,
+            };
+            j.append_write(b"disk.img", i << 19, &data, Some(src));
+        }
+        j.sync_through(8).unwrap();
+        let Read::Records(r, t) = read_batch(&j, 1, 4096, 1 << 20).unwrap() else {
+            panic!("a gap");
+        };
+        assert_eq!(t, 2, "1 MiB of batch: two 512 KiB writes");
+        assert_eq!(r.len(), 2);
+        for (i, rec) in r.iter().enumerate() {
+            assert!(matches!(rec.op, Op::Write { offset, .. } if offset == (i as u64) << 19));
+            assert_eq!(rec.data, vec![i as u8; 512 << 10]);
+        }
         j.close().unwrap();
     }
 
