@@ -168,8 +168,9 @@ pub fn evaluate(s: &Status, t: &Thresholds) -> Health {
     } else {
         let lag = s.peers.iter().map(|p| p.lag_seconds).fold(0.0, f64::max);
         let behind = s.peers.iter().map(|p| p.lag_records).max().unwrap_or(0);
+        let connected = s.peers.iter().filter(|p| p.connected).count();
         format!(
-            "{} peer{} connected, lag {lag:.1} s, {behind} records",
+            "{connected} of {} peer{} connected, lag {lag:.1} s, {behind} records",
             s.peers.len(),
             if s.peers.len() == 1 { "" } else { "s" }
         )
