@@ -39,6 +39,40 @@ pub struct Config {
     pub replication: ReplicationConfig,
     /// Settings of `replicafs replica`.
     pub replica: ReplicaConfig,
+    /// Serve Prometheus metrics over HTTP at this IP:PORT (`GET /metrics`).
+    /// Default: off.
+    pub metrics_listen: Option<String>,
+    /// Lag thresholds of the health verdict.
+    pub health: HealthConfig,
+}
+
+/// `[health]`: when replication health turns warning or critical.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Lag above which health is warning. Default "30s".
+    pub warn_lag: String,
+    /// Lag above which health is critical. Default "5m".
+    pub crit_lag: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            warn_lag: "30s".into(),
+            crit_lag: "5m".into(),
+        }
+    }
+}
+
+impl HealthConfig {
+    pub fn thresholds(&self) -> Result<crate::health::Thresholds, String> {
+        let warn = crate::health::parse_duration(&self.warn_lag)
+            .map_err(|e| format!("health.warn_lag: {e}"))?;
+        let crit = crate::health::parse_duration(&self.crit_lag)
+            .map_err(|e| format!("health.crit_lag: {e}"))?;
+        crate::health::Thresholds::new(warn, crit).map_err(|e| format!("[health]: {e}"))
+    }
 }
 
 /// One replica: `{ address = "host:port", fingerprint = "<64 hex digits>" }`.
@@ -125,6 +159,8 @@ impl Default for Config {
             peers: Vec::new(),
             replication: ReplicationConfig::default(),
             replica: ReplicaConfig::default(),
+            metrics_listen: None,
+            health: HealthConfig::default(),
         }
     }
 }
@@ -182,6 +218,12 @@ impl Config {
         }
         for t in &self.replica.trust {
             crate::transport::tls::Fingerprint::parse(t)?;
+        }
+        self.health.thresholds()?;
+        if let Some(m) = &self.metrics_listen {
+            m.parse::<std::net::SocketAddr>().map_err(|_| {
+                format!("metrics_listen {m:?} is not IP:PORT (e.g. 127.0.0.1:9108)")
+            })?;
         }
         let r = &self.replication;
         if !(0..=22).contains(&r.compression_level) {
@@ -282,6 +324,9 @@ sync_activity_log = false
             "exclude = [\"a[\"]",
             "[journal]\ncap_bytes = 10",
             "[journal]\nextent_bytes = 5000",
+            "metrics_listen = \"localhost\"",
+            "[health]\nwarn_lag = \"soon\"",
+            "[health]\nwarn_lag = \"10m\"\ncrit_lag = \"5m\"",
             "[journal]\npayload = \"disk\"",
             "[journal]\nheld_records = 99999999999",
             // Set by the daemon from its peers, not a key.

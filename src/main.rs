@@ -11,6 +11,7 @@ use replicafs::journal::apply::Applier;
 use replicafs::journal::{Inspection, Op};
 use replicafs::mount::{self, MountOptions, STATE_DIR_NAME};
 use replicafs::protocol::SenderConfig;
+use replicafs::service::Reporter;
 use replicafs::transport::catchup::{CatchUp, WholeRegions};
 use replicafs::transport::shipper::{Peer, Shipper, ShipperOptions};
 use replicafs::transport::status::{self, Status, StatusServer};
@@ -53,7 +54,22 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Monitoring-plugin check: print one line, exit 0 ok, 1 warning,
+        /// 2 critical, 3 unknown (no daemon answers, bad arguments).
+        #[arg(long, conflicts_with = "json")]
+        check: bool,
+        /// With --check: lag above which the check warns [default: the daemon's [health] warn_lag, 30s].
+        #[arg(long, value_name = "DURATION", value_parser = parse_lag, requires = "check")]
+        warn_lag: Option<std::time::Duration>,
+        /// With --check: lag above which the check is critical [default: the daemon's [health] crit_lag, 5m].
+        #[arg(long, value_name = "DURATION", value_parser = parse_lag, requires = "check")]
+        crit_lag: Option<std::time::Duration>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages into DIR (used to build the package).
+    #[command(hide = true)]
+    ManPages { dir: PathBuf },
     /// Run a primary and a replica on 127.0.0.1 in a local folder and show replication.
     Demo(replicafs::demo::DemoArgs),
 }
@@ -78,6 +94,13 @@ struct ReplicaArgs {
     /// Present the mirror read-only at this (empty) directory.
     #[arg(long, value_name = "MOUNTPOINT")]
     mount: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (or `metrics_listen` in the config).
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_listen: Option<String>,
+}
+
+fn parse_lag(s: &str) -> Result<std::time::Duration, String> {
+    replicafs::health::parse_duration(s)
 }
 
 type BoxError = Box<dyn std::error::Error>;
@@ -125,6 +148,9 @@ struct MountArgs {
     /// Replicate to this replica (repeatable; adds to the config's `peers`).
     #[arg(long = "peer", value_name = "ADDR=FINGERPRINT")]
     peer: Vec<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (or `metrics_listen` in the config).
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Args)]
@@ -185,15 +211,23 @@ enum JournalCommand {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REPLICAFS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
-    if !matches!(cli.command, Command::Demo(_) | Command::Status { .. }) {
+    replicafs::service::init_logging();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // A monitoring check given bad arguments is "unknown" (3), not "critical" (2).
+        Err(e) if e.use_stderr() && std::env::args().any(|a| a == "--check") => {
+            let _ = e.print();
+            return ExitCode::from(3);
+        }
+        Err(e) => e.exit(),
+    };
+    if !matches!(
+        cli.command,
+        Command::Demo(_)
+            | Command::Status { .. }
+            | Command::Completions { .. }
+            | Command::ManPages { .. }
+    ) {
         // Whatever the daemon creates for itself (journal, sled index, keys,
         // status socket, replica state) is private. Files made on a caller's
         // behalf through the mount get the caller's umask instead (see the volume).
@@ -208,7 +242,26 @@ fn main() -> ExitCode {
         Command::Journal { command } => run_journal(command),
         Command::Keygen { state, force } => run_keygen(&state.state_dir, force),
         Command::Replica(args) => run_replica(args),
-        Command::Status { state, json } => run_status(&state.state_dir, json),
+        Command::Status {
+            state,
+            check: true,
+            warn_lag,
+            crit_lag,
+            ..
+        } => return run_check(&state.state_dir, warn_lag, crit_lag),
+        Command::Status { state, json, .. } => run_status(&state.state_dir, json),
+        Command::Completions { shell } => {
+            replicafs::assets::write_completions(
+                <Cli as clap::CommandFactory>::command(),
+                shell,
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::ManPages { dir } => {
+            replicafs::assets::write_man_pages(<Cli as clap::CommandFactory>::command(), &dir)
+                .map_err(|e| format!("cannot write man pages into {}: {e}", dir.display()).into())
+        }
         Command::Demo(args) => replicafs::demo::run(args),
     };
     match result {
@@ -285,6 +338,16 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
             .unwrap_or_else(|| opts.backing.join(STATE_DIR_NAME)),
     );
     let unclean = journal_dir.is_dir() && !journal_dir.join("CLEAN").exists();
+    let thresholds = config.health.thresholds()?;
+    // Bound before mounting: a port in use stops the start with a clear error.
+    let metrics = match args
+        .metrics_listen
+        .as_ref()
+        .or(config.metrics_listen.as_ref())
+    {
+        Some(a) => Some(replicafs::metrics::listen(a)?),
+        None => None,
+    };
     let signals = mount::stop_signals()?;
     let mounted = mount::mount(&opts)?;
     let state_dir = mounted.checked.state_dir.clone();
@@ -315,18 +378,28 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
         }
         _ => None,
     };
-    let _status = match &shipper {
-        Some(s) => StatusServer::start(&state_dir, s.status_fn()),
+    let reporter = match &shipper {
+        Some(s) => Reporter::new(s.status_fn(), mounted.journal().cloned(), thresholds),
         None => {
             let journal = mounted.journal().cloned();
-            StatusServer::start(&state_dir, move || Status {
-                role: "primary".into(),
-                last_seq: journal.as_ref().map(|j| j.last_seq()).unwrap_or(0),
-                peers: vec![],
-            })
+            Reporter::new(
+                move || Status {
+                    role: "primary".into(),
+                    last_seq: journal.as_ref().map(|j| j.last_seq()).unwrap_or(0),
+                    peers: vec![],
+                },
+                mounted.journal().cloned(),
+                thresholds,
+            )
         }
+    };
+    let r2 = reporter.clone();
+    let _status = StatusServer::start(&state_dir, move || r2.report())
+        .map_err(|e| format!("status socket: {e}"))?;
+    if let Some(l) = metrics {
+        replicafs::metrics::serve(l, reporter)?;
     }
-    .map_err(|e| format!("status socket: {e}"))?;
+    replicafs::service::notify_ready("mounted");
     let config_path = args.config.clone();
     let cli_excludes = args.exclude.clone();
     mounted.run_until_signal(signals, move || {
@@ -343,6 +416,7 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
             }
         }
     })?;
+    replicafs::service::notify_stopping();
     Ok(())
 }
 
@@ -354,13 +428,52 @@ fn run_keygen(state_dir: &Path, force: bool) -> Result<(), BoxError> {
 }
 
 fn run_status(state_dir: &Path, json: bool) -> Result<(), BoxError> {
-    let s = status::query(state_dir)?;
+    let r = status::query_report(state_dir)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        print!("{}", status::render(&s));
+        print!("{}", status::render_report(&r));
     }
     Ok(())
+}
+
+/// `status --check`: one line, the monitoring-plugin exit code. The verdict
+/// is judged from the daemon's own snapshot; thresholds given here replace
+/// the daemon's.
+fn run_check(
+    state_dir: &Path,
+    warn: Option<std::time::Duration>,
+    crit: Option<std::time::Duration>,
+) -> ExitCode {
+    use replicafs::health::{self, Thresholds};
+    let r = match status::query_report(state_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("REPLICAFS UNKNOWN - {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let daemon = r
+        .health
+        .as_ref()
+        .map(|h| Thresholds {
+            warn_lag: std::time::Duration::from_secs_f64(h.warn_lag_seconds),
+            crit_lag: std::time::Duration::from_secs_f64(h.crit_lag_seconds),
+        })
+        .unwrap_or_default();
+    let t = match Thresholds::new(
+        warn.unwrap_or(daemon.warn_lag),
+        crit.unwrap_or(daemon.crit_lag),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            println!("REPLICAFS UNKNOWN - {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let h = health::evaluate(&r.status, &t);
+    println!("{}", health::check_line(&r.status, &h));
+    ExitCode::from(h.state.exit_code())
 }
 
 fn run_replica(args: ReplicaArgs) -> Result<(), BoxError> {
@@ -397,6 +510,15 @@ fn run_replica(args: ReplicaArgs) -> Result<(), BoxError> {
         trust.push(Fingerprint::parse(t)?);
     }
     let mountpoint = args.mount.clone().or(rc.mount.clone());
+    let thresholds = config.health.thresholds()?;
+    let metrics = match args
+        .metrics_listen
+        .as_ref()
+        .or(config.metrics_listen.as_ref())
+    {
+        Some(a) => Some(replicafs::metrics::listen(a)?),
+        None => None,
+    };
     let id = Identity::load(&state_dir)?;
     let replica = Arc::new(Replica::open(&state_dir, &mirror)?);
     // After the open, which refuses a state dir holding the mirror: the state
@@ -415,8 +537,13 @@ fn run_replica(args: ReplicaArgs) -> Result<(), BoxError> {
     };
     rt.spawn(server::serve(endpoint.clone(), srv.clone()));
     let s2 = srv.clone();
-    let _status = StatusServer::start(&state_dir, move || s2.status())
+    let reporter = Reporter::new(move || s2.status(), None, thresholds);
+    let r2 = reporter.clone();
+    let _status = StatusServer::start(&state_dir, move || r2.report())
         .map_err(|e| format!("status socket: {e}"))?;
+    if let Some(l) = metrics {
+        replicafs::metrics::serve(l, reporter)?;
+    }
     tracing::info!(
         %listen,
         fingerprint = %id.fingerprint(),
@@ -434,11 +561,13 @@ fn run_replica(args: ReplicaArgs) -> Result<(), BoxError> {
                 passthrough: config.passthrough,
             };
             let mounted = mount::mount(&opts)?;
+            replicafs::service::notify_ready("listening, mirror mounted");
             mounted
                 .run_until_signal(signals, || None)
                 .map_err(Into::into)
         }
         None => {
+            replicafs::service::notify_ready("listening");
             let sig = signals
                 .forever()
                 .find(|s| *s != signal_hook::consts::SIGHUP);
@@ -446,6 +575,7 @@ fn run_replica(args: ReplicaArgs) -> Result<(), BoxError> {
             Ok(())
         }
     };
+    replicafs::service::notify_stopping();
     endpoint.close(quinn::VarInt::from_u32(0), b"replica shutting down");
     replica.stop();
     rt.shutdown_timeout(std::time::Duration::from_secs(2));

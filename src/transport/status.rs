@@ -1,6 +1,7 @@
 //! Live status over a Unix socket in the state directory (`status.sock`):
 //! a client connects and reads one JSON document; `replicafs status` prints it.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -62,6 +63,49 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
 }
 
+/// What a daemon answers on its status socket: the replication status, its
+/// journal, the problems it logged and its health verdict. One such snapshot
+/// feeds `replicafs status` (text, `--json`, `--check`) and the metrics.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    #[serde(flatten)]
+    pub status: Status,
+    /// The mount's journal (a primary with the journal on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<JournalStatus>,
+    /// Errors logged since the daemon started, by module ("journal",
+    /// "transport", ...); on a replica also "refused" (records refused).
+    #[serde(default)]
+    pub errors: BTreeMap<String, u64>,
+    /// Warnings logged since the daemon started, by module.
+    #[serde(default)]
+    pub warnings: BTreeMap<String, u64>,
+    /// Judged by the daemon against its `[health]` thresholds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::health::Health>,
+}
+
+/// A primary's journal, as the metrics and `status` show it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct JournalStatus {
+    /// Bytes of the segment files on disk.
+    pub bytes: u64,
+    /// `journal.cap_bytes`.
+    pub cap_bytes: u64,
+    pub records: u64,
+    pub oldest_seq: Option<u64>,
+    /// Records dropped unreplicated by the cap, through this seq.
+    pub dropped_through: u64,
+    /// Dirty regions waiting for catch-up (re-read from the backing dir).
+    pub dirty_regions: u64,
+    /// Bytes of the ranged dirty regions.
+    pub dirty_bytes: u64,
+    /// Dirty regions that cover a whole file (their size is not counted above).
+    pub dirty_whole_files: u64,
+    /// Payload bytes appended since the mount started.
+    pub payload_bytes_appended: u64,
+}
+
 /// Serves `status()` on `state_dir/status.sock` until dropped.
 pub struct StatusServer {
     path: PathBuf,
@@ -75,9 +119,9 @@ pub struct StatusServer {
 }
 
 impl StatusServer {
-    pub fn start(
+    pub fn start<T: Serialize>(
         state_dir: &Path,
-        status: impl Fn() -> Status + Send + 'static,
+        status: impl Fn() -> T + Send + 'static,
     ) -> std::io::Result<StatusServer> {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -176,6 +220,11 @@ impl Drop for StatusServer {
 
 /// Asks the daemon running on `state_dir` for its status.
 pub fn query(state_dir: &Path) -> Result<Status, String> {
+    query_report(state_dir).map(|r| r.status)
+}
+
+/// Asks the daemon running on `state_dir` for its whole report.
+pub fn query_report(state_dir: &Path) -> Result<Report, String> {
     let path = state_dir.join(SOCKET_NAME);
     let mut s = UnixStream::connect(&path).map_err(|e| {
         format!(
@@ -199,6 +248,37 @@ fn human_bytes(b: f64) -> String {
         i += 1;
     }
     format!("{v:.1} {}", units[i])
+}
+
+/// The human form of a report: health, the status, the journal.
+pub fn render_report(r: &Report) -> String {
+    let mut out = String::new();
+    if let Some(h) = &r.health {
+        out.push_str(&format!("health {}: {}\n", h.state.name(), h.reason));
+    }
+    out.push_str(&render(&r.status));
+    if let Some(j) = &r.journal {
+        out.push_str(&format!(
+            "journal {} of {} cap, {} records, {} dirty regions ({} + {} whole files)\n",
+            human_bytes(j.bytes as f64),
+            human_bytes(j.cap_bytes as f64),
+            j.records,
+            j.dirty_regions,
+            human_bytes(j.dirty_bytes as f64),
+            j.dirty_whole_files
+        ));
+    }
+    for (what, counts) in [("errors", &r.errors), ("warnings", &r.warnings)] {
+        let nonzero: Vec<String> = counts
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        if !nonzero.is_empty() {
+            out.push_str(&format!("{what} logged: {}\n", nonzero.join(", ")));
+        }
+    }
+    out
 }
 
 /// The human form of a status.
