@@ -54,10 +54,11 @@ pub enum Source {
 
 struct HeldFile {
     file: Arc<File>,
-    /// Held writes whose bytes are in the file, by (offset, seq): an overlap
-    /// query looks at the writes starting less than [`MAX_HELD_LEN`] before
-    /// its range only.
+    /// Held writes whose bytes are in the file, by (offset, seq).
     ranges: BTreeSet<(u64, u64)>,
+    /// The longest write held in the file: an overlap query looks at the
+    /// writes starting less than this before its range only.
+    max_len: u32,
     /// Slots reserved for records whose seq is being assigned.
     reserved: usize,
 }
@@ -128,6 +129,7 @@ impl Held {
                 HeldFile {
                     file: Arc::new(file),
                     ranges: BTreeSet::new(),
+                    max_len: 0,
                     reserved: 0,
                 },
             );
@@ -156,6 +158,7 @@ impl Held {
             f.reserved = f.reserved.saturating_sub(1);
             if !released {
                 f.ranges.insert((w.offset, seq));
+                f.max_len = f.max_len.max(w.len);
             }
         }
         if released {
@@ -255,7 +258,7 @@ impl Held {
         }
         let hits: Vec<(u64, u64)> = f
             .ranges
-            .range((start.saturating_sub(MAX_HELD_LEN as u64), 0)..(end, 0))
+            .range((start.saturating_sub(f.max_len as u64), 0)..(end, 0))
             .copied()
             .collect();
         let mut out = Vec::new();
