@@ -117,12 +117,15 @@ pub fn encode(msg: &Message, zstd_level: i32) -> Encoded {
     }
 }
 
-/// For large bodies, a 64 KiB sample from the middle decides whether
+/// For bodies of 32 KiB or more, a 16 KiB sample from the middle decides whether
 /// compressing the whole is worth the CPU (it rarely is for encrypted or
 /// already-compressed guest data).
-fn looks_compressible(raw: &[u8], level: i32) -> bool {
-    const SAMPLE: usize = 64 << 10;
-    if raw.len() < 4 * SAMPLE {
+pub(crate) fn looks_compressible(raw: &[u8], level: i32) -> bool {
+    // Small enough that the sample costs little next to the batch (batches
+    // of incompressible 4 KiB writes were 15-22 % of the primary's CPU with
+    // the whole batch compressed and thrown away).
+    const SAMPLE: usize = 16 << 10;
+    if raw.len() < 2 * SAMPLE {
         return true;
     }
     let mid = raw.len() / 2 - SAMPLE / 2;

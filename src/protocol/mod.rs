@@ -129,6 +129,25 @@ mod tests {
         assert_eq!(decode_all(&e.bytes).unwrap(), vec![m]);
     }
 
+    /// The sample decides from 32 KiB up: random bodies are not worth
+    /// compressing, repetitive ones are, small ones are always tried.
+    #[test]
+    fn a_sample_decides_whether_a_body_is_compressed() {
+        let mut seed = 7u64;
+        let random: Vec<u8> = (0..(256 << 10))
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 56) as u8
+            })
+            .collect();
+        assert!(!frame::looks_compressible(&random, 3));
+        assert!(!frame::looks_compressible(&random[..(32 << 10)], 3));
+        assert!(frame::looks_compressible(&random[..(32 << 10) - 1], 3));
+        assert!(frame::looks_compressible(&vec![0u8; 256 << 10], 3));
+    }
+
     #[test]
     fn byte_at_a_time_decoding() {
         let mut all = Vec::new();
