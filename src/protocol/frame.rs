@@ -117,6 +117,44 @@ pub fn encode(msg: &Message, zstd_level: i32) -> Encoded {
     }
 }
 
+/// Stops trying to compress a stream whose batches do not compress: after
+/// `n` such batches in a row the next `2^n - 1` (at most 63) go raw without
+/// a try, then one is tried again. Guest data that is encrypted or already
+/// compressed costs a compression attempt per 64 batches, not per batch.
+#[derive(Debug, Default, Clone)]
+pub struct CompressionBackoff {
+    misses: u32,
+    skip: u32,
+}
+
+impl CompressionBackoff {
+    /// The zstd level for the next batch (0: send it raw).
+    pub fn level(&mut self, configured: i32) -> i32 {
+        if configured == 0 {
+            return 0;
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return 0;
+        }
+        configured
+    }
+
+    /// What the batch encoded at `level` came out as.
+    pub fn record(&mut self, level: i32, e: &Encoded) {
+        if level == 0 {
+            return;
+        }
+        let flags = u16::from_le_bytes([e.bytes[6], e.bytes[7]]);
+        if flags & FLAG_ZSTD != 0 {
+            self.misses = 0;
+        } else {
+            self.misses = (self.misses + 1).min(6);
+            self.skip = (1 << self.misses) - 1;
+        }
+    }
+}
+
 /// For bodies of 32 KiB or more, a 16 KiB sample from the middle decides whether
 /// compressing the whole is worth the CPU (it rarely is for encrypted or
 /// already-compressed guest data).

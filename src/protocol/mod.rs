@@ -148,6 +148,43 @@ mod tests {
         assert!(frame::looks_compressible(&vec![0u8; 256 << 10], 3));
     }
 
+    /// Incompressible batches in a row make the next ones go raw without a
+    /// try, longer each time, up to 63; one that compresses resets it.
+    #[test]
+    fn compression_backs_off_on_incompressible_batches() {
+        let mut seed = 5u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 56) as u8
+            })
+            .collect();
+        let batch = |data: &[u8]| Message::Batch {
+            first: 1,
+            last: 1,
+            primary_last: 1,
+            frames: message::encode_records(&[write(1, "r", 0, data)]),
+        };
+        let mut b = frame::CompressionBackoff::default();
+        let mut tried = 0;
+        for _ in 0..200 {
+            let level = b.level(3);
+            if level > 0 {
+                tried += 1;
+            }
+            b.record(level, &encode(&batch(&noise), level));
+        }
+        // 1 + 1 + 1 + 1 + 1 + 1 tries up to the 63-batch skips, then one per 64.
+        assert!((6..=9).contains(&tried), "{tried} tries");
+        // A compressible batch resets it.
+        while b.level(3) == 0 {}
+        b.record(3, &encode(&batch(&[0u8; 4096]), 3));
+        assert_eq!(b.level(3), 3);
+        assert_eq!(frame::CompressionBackoff::default().level(0), 0);
+    }
+
     #[test]
     fn byte_at_a_time_decoding() {
         let mut all = Vec::new();

@@ -669,6 +669,7 @@ async fn stream(
     });
     let _abort = AbortOnDrop(reader);
 
+    let mut backoff = crate::protocol::frame::CompressionBackoff::default();
     let mut throttle = Throttle {
         rate: opts.bandwidth_limit,
         tokens: 0.0,
@@ -735,7 +736,17 @@ async fn stream(
                 continue;
             }
             Some(SenderAction::SendBatch { from }) if journal.settled_seq() >= from => {
-                send_batch(sh, i, send, &mut sender, from, opts, &mut throttle).await?;
+                send_batch(
+                    sh,
+                    i,
+                    send,
+                    &mut sender,
+                    from,
+                    opts,
+                    &mut throttle,
+                    &mut backoff,
+                )
+                .await?;
                 continue;
             }
             Some(SenderAction::SendBatch { from }) => {
@@ -767,6 +778,7 @@ async fn stream(
 
 /// Reads and sends one batch from `from` (some of it durable), or handles the
 /// gap the journal has there.
+#[allow(clippy::too_many_arguments)]
 async fn send_batch(
     sh: &Arc<Shared>,
     i: usize,
@@ -775,6 +787,7 @@ async fn send_batch(
     from: u64,
     opts: &ShipperOptions,
     throttle: &mut Throttle,
+    backoff: &mut crate::protocol::frame::CompressionBackoff,
 ) -> Result<(), String> {
     let journal = sh.journal.clone();
     let j = journal.clone();
@@ -816,10 +829,11 @@ async fn send_batch(
     };
     let payload: u64 = records.iter().map(|r| r.data.len() as u64).sum();
     let msg = sender.batch(records, through, journal.last_seq());
-    let level = opts.compression_level;
+    let level = backoff.level(opts.compression_level);
     let enc = tokio::task::spawn_blocking(move || frame::encode(&msg, level))
         .await
         .map_err(|e| e.to_string())?;
+    backoff.record(level, &enc);
     throttle.take(enc.bytes.len()).await;
     write_bytes(send, &enc.bytes).await?;
     sender.sent_at(through, enc.bytes.len() as u64, Instant::now());
