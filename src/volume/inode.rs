@@ -101,6 +101,10 @@ impl MutationLock {
                 g = self.wait(g);
             }
             g.exclusive_waiting -= 1;
+            // Writes that waited for us to stop waiting must look again (they
+            // take the lock once our guard is dropped); nothing else would
+            // wake them if no write is in flight any more.
+            self.cond.notify_all();
         }
         Ok(g)
     }
@@ -379,5 +383,30 @@ mod tests {
         drop(flight);
         assert!(done.recv_timeout(LONG).is_ok());
         assert!(lock.lock().unwrap().inflight.is_empty());
+    }
+
+    /// A write that waited behind a waiting exclusive locker goes on once
+    /// that locker is done, even when no write is in flight any more to
+    /// wake it (the daemon hung this way under 32 writer threads). Whether
+    /// the write re-checks before or after the locker stops waiting is up to
+    /// the scheduler, so the scene is played many times.
+    #[test]
+    fn writes_behind_an_exclusive_lock_go_on_after_it() {
+        for _ in 0..200 {
+            let lock = Arc::new(MutationLock::default());
+            let flight = lock.begin_flight(lock.lock_for_write(0, 10), 0, 10);
+            let exclusive = spawn(&lock, |l| drop(l.lock()));
+            while lock.guard().exclusive_waiting == 0 {
+                std::thread::yield_now();
+            }
+            let write = spawn(&lock, |l| drop(l.lock_for_write(100, 200)));
+            std::thread::sleep(Duration::from_micros(500));
+            drop(flight.finish());
+            assert!(exclusive.recv_timeout(LONG).is_ok());
+            assert!(
+                write.recv_timeout(Duration::from_secs(5)).is_ok(),
+                "a write behind an exclusive locker never went on"
+            );
+        }
     }
 }
