@@ -26,6 +26,18 @@ pub use state::{
 mod tests {
     use super::frame::*;
     use super::*;
+
+    /// `len` incompressible bytes from `seed` (an LCG: the same every run).
+    fn noise(mut seed: u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 56) as u8
+            })
+            .collect()
+    }
     use crate::journal::record::{Op, Record};
 
     fn write(seq: u64, path: &str, offset: u64, data: &[u8]) -> Record {
@@ -109,15 +121,7 @@ mod tests {
 
     #[test]
     fn incompressible_payload_goes_raw() {
-        let mut seed = 9u64;
-        let data: Vec<u8> = (0..100_000)
-            .map(|_| {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (seed >> 56) as u8
-            })
-            .collect();
+        let data = noise(9, 100_000);
         let m = Message::Batch {
             first: 1,
             last: 1,
@@ -133,15 +137,7 @@ mod tests {
     /// compressing, repetitive ones are, small ones are always tried.
     #[test]
     fn a_sample_decides_whether_a_body_is_compressed() {
-        let mut seed = 7u64;
-        let random: Vec<u8> = (0..(256 << 10))
-            .map(|_| {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (seed >> 56) as u8
-            })
-            .collect();
+        let random = noise(7, 256 << 10);
         assert!(!frame::looks_compressible(&random, 3));
         assert!(!frame::looks_compressible(&random[..(32 << 10)], 3));
         assert!(frame::looks_compressible(&random[..(32 << 10) - 1], 3));
@@ -152,15 +148,7 @@ mod tests {
     /// try, longer each time, up to 63; one that compresses resets it.
     #[test]
     fn compression_backs_off_on_incompressible_batches() {
-        let mut seed = 5u64;
-        let noise: Vec<u8> = (0..4096)
-            .map(|_| {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (seed >> 56) as u8
-            })
-            .collect();
+        let noise = noise(5, 4096);
         let batch = |data: &[u8]| Message::Batch {
             first: 1,
             last: 1,
