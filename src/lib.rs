@@ -11,7 +11,6 @@ pub mod journal;
 pub mod metrics;
 pub mod mount;
 pub mod path;
-pub mod primary;
 pub mod protocol;
 pub mod replica;
 pub mod service;

@@ -2,11 +2,9 @@
 //! and pinned mutual TLS, the primary's sender, the replica's server, and the
 //! status socket.
 
+pub mod catchup;
 pub mod io;
 pub mod server;
 pub mod shipper;
 pub mod status;
 pub mod tls;
-
-/// Catch-up lives with the primary's replication source.
-pub use crate::primary::catchup;

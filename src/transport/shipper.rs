@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::catchup::CatchUp;
 use super::io::{close_with, read_message, write_bytes, write_message};
 use super::server::sleep_until;
 use super::status::{PeerStatus, Status};
 use super::tls::{self, Fingerprint, Identity};
 use crate::journal::Journal;
 use crate::journal::record::Record;
-use crate::primary::catchup::CatchUp;
 use crate::protocol::frame;
 use crate::protocol::message::EntryKind;
 use crate::protocol::state::SenderState;
@@ -845,6 +845,96 @@ async fn send_batch(
     Ok(())
 }
 
+/// (path, kind, metadata, symlink target)
+/// (path, kind, metadata, symlink target or hard-link source, open file)
+type SnapshotItem = (
+    Vec<u8>,
+    EntryKind,
+    std::fs::Metadata,
+    Vec<u8>,
+    Option<std::fs::File>,
+);
+
+/// Entries of the backing dir for a snapshot, parents first, and the journal
+/// seq they stand for. The names are listed and every regular file opened
+/// under the volume's exclusive namespace lock, so the listing is exactly the
+/// namespace at that seq; contents are read later through the open files (by
+/// inode, whatever renames follow), which the tolerant replay makes right.
+fn snapshot_entries(
+    cu: &CatchUp,
+    hidden: Option<&[u8]>,
+) -> std::io::Result<(u64, Vec<SnapshotItem>)> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let rec = cu.volume.recorder();
+    let state_key = cu.volume.state_dir_key();
+    let _ns = rec.map(|r| r.namespace_lock());
+    let at = rec.map(|r| r.journal().last_seq()).unwrap_or(0);
+    let mut links: std::collections::HashMap<(u64, u64), Vec<u8>> = Default::default();
+    let mut out = Vec::new();
+    let mut stack = vec![Vec::<u8>::new()];
+    while let Some(dir) = stack.pop() {
+        let abs = cu.backing.join(std::ffi::OsStr::from_bytes(&dir));
+        let mut names: Vec<_> = std::fs::read_dir(&abs)?.filter_map(|e| e.ok()).collect();
+        names.sort_by_key(|e| e.file_name());
+        let mut subdirs = Vec::new();
+        for e in names {
+            let mut rel = dir.clone();
+            if !rel.is_empty() {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(e.file_name().as_bytes());
+            if Some(rel.as_slice()) == hidden
+                || rec.is_some_and(|r| r.exclusions().is_excluded(&rel))
+            {
+                continue;
+            }
+            let Ok(m) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            let ft = m.file_type();
+            // The state dir (keys, journal) by identity, wherever it is now.
+            if ft.is_dir() && Some((m.dev(), m.ino())) == state_key {
+                continue;
+            }
+            if ft.is_dir() {
+                subdirs.push(rel.clone());
+                out.push((rel, EntryKind::Dir, m, Vec::new(), None));
+            } else if ft.is_file() {
+                if m.nlink() > 1 {
+                    if let Some(first) = links.get(&(m.dev(), m.ino())) {
+                        out.push((rel, EntryKind::Link, m, first.clone(), None));
+                        continue;
+                    }
+                    links.insert((m.dev(), m.ino()), rel.clone());
+                }
+                // Beneath the backing dir, no symlink followed, never a fifo.
+                let Some(f) = crate::path::RelPath::parse(&rel)
+                    .ok()
+                    .map(|p| crate::path::open_regular_beneath(&cu.backing, &p))
+                    .transpose()?
+                    .flatten()
+                else {
+                    continue;
+                };
+                out.push((rel, EntryKind::File, m, Vec::new(), Some(f)));
+            } else if ft.is_symlink() {
+                let t = std::fs::read_link(e.path())?;
+                out.push((
+                    rel,
+                    EntryKind::Symlink,
+                    m,
+                    t.as_os_str().as_bytes().to_vec(),
+                    None,
+                ));
+            }
+        }
+        // Depth-first, parents already listed.
+        stack.extend(subdirs.into_iter().rev());
+    }
+    Ok((at, out))
+}
+
 /// Lets a snapshot hold one open file per regular file of the tree.
 fn raise_fd_limit() {
     let mut r = libc::rlimit {
@@ -869,71 +959,65 @@ async fn send_snapshot(
     level: i32,
     throttle: &mut Throttle,
 ) -> Result<u64, String> {
+    use std::os::unix::fs::{FileExt, MetadataExt};
     raise_fd_limit();
     let (cu2, hidden) = (cu.clone(), sh.hidden.clone());
-    let listing = tokio::task::spawn_blocking(move || {
-        crate::primary::snapshot::list(&cu2.volume, &cu2.backing, hidden.as_deref())
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("snapshot: cannot list the backing dir: {e}"))?;
-    let at = listing.at;
-    info!(peer = %sh.peers[i].0.address, at, entries = listing.items.len(), rounds = listing.rounds, "sending a full snapshot");
+    let (at, entries) =
+        tokio::task::spawn_blocking(move || snapshot_entries(&cu2, hidden.as_deref()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("snapshot: cannot list the backing dir: {e}"))?;
+    info!(peer = %sh.peers[i].0.address, at, entries = entries.len(), "sending a full snapshot");
     write_message(send, &Message::SnapshotBegin { at }).await?;
     let (mut files, mut bytes) = (0u64, 0u64);
-    for item in listing.items {
-        let item = Arc::new(item);
-        // Attributes now, through the descriptor the listing opened.
-        let it = item.clone();
-        let attrs = tokio::task::spawn_blocking(move || it.attrs())
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mode, uid, gid, size, xattrs) = match (item.kind, attrs) {
-            (EntryKind::Link, _) => (0, 0, 0, 0, Vec::new()),
-            (_, Some(a)) => a,
-            // Gone since the listing and unreadable: the records after
-            // `at` remove or replace it on the replica.
-            (_, None) => (0, 0, 0, 0, Vec::new()),
-        };
+    for (path, kind, m, target, file) in entries {
         let entry = Message::SnapshotEntry {
-            path: item.path.clone(),
-            kind: item.kind,
-            mode,
-            uid,
-            gid,
-            size,
-            xattrs,
-            target: item.target.clone(),
+            path: path.clone(),
+            kind,
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+            size: m.len(),
+            xattrs: if matches!(kind, EntryKind::Symlink | EntryKind::Link) {
+                Vec::new()
+            } else {
+                use std::os::unix::ffi::OsStrExt;
+                crate::replica::snapshot::list_xattrs(
+                    &cu.backing.join(std::ffi::OsStr::from_bytes(&path)),
+                )
+            },
+            target,
         };
         let n = write_message(send, &entry).await?;
         sh.peer(i).wire_bytes += n as u64;
-        if item.kind != EntryKind::File {
+        if kind != EntryKind::File {
             continue;
         }
         files += 1;
-        let it = item.clone();
-        let reader = tokio::task::spawn_blocking(move || it.reader())
-            .await
-            .map_err(|e| e.to_string())?;
-        let Some(reader) = reader.map(Arc::new) else {
+        let Some(f) = file else {
             continue;
         };
+        let f = Arc::new(f);
         let mut offset = 0u64;
         loop {
-            let (it, f) = (item.clone(), reader.clone());
+            let (f2, p2) = (f.clone(), path.clone());
             let enc = tokio::task::spawn_blocking(move || {
-                let buf = crate::primary::snapshot::read_chunk(
-                    &f,
-                    offset,
-                    crate::primary::catchup::CHUNK as usize,
-                )
-                .map_err(|e| e.to_string())?;
-                if buf.is_empty() {
-                    return Ok::<_, String>(None);
+                let mut buf = vec![0u8; super::catchup::CHUNK as usize];
+                let mut got = 0;
+                while got < buf.len() {
+                    match f2.read_at(&mut buf[got..], offset + got as u64) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e.to_string()),
+                    }
                 }
-                let got = buf.len();
+                buf.truncate(got);
+                if got == 0 {
+                    return Ok(None);
+                }
                 let msg = Message::SnapshotData {
-                    path: it.path.clone(),
+                    path: p2,
                     offset,
                     data: buf,
                 };

@@ -6,7 +6,6 @@ pub mod boundary;
 pub mod handle;
 pub mod inode;
 pub mod recorder;
-pub mod source;
 pub mod sys;
 
 use std::ffi::{CString, OsStr, OsString};

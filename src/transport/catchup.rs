@@ -4,12 +4,9 @@
 //! lost when the primary died, failed journal writes) are re-read from the
 //! backing dir and journaled again as ordinary `Truncate`/`Write` records, so
 //! they travel in order with the stream to every peer, compressed like any
-//! batch. Each chunk is read and appended inside [`Volume::quiet_file`]: the
-//! namespace lock shared (no rename or unlink of the path meanwhile) and the
-//! file's own mutation lock exclusively, so no mutation of that file is
-//! between the chunk's read and its append, and a chunk never carries bytes
-//! older than a record before it. A guest write to that file waits for one
-//! chunk read at most; writes to other files do not wait at all.
+//! batch. Each chunk is read and appended under the volume's exclusive
+//! namespace lock: no mutation is between its backing write and its append
+//! meanwhile, so a chunk never carries bytes older than a record before it.
 //!
 //! A peer whose next record was dropped skips the gap (an empty batch) once a
 //! catch-up pass that started after the drop has journaled the dirty regions.
@@ -56,9 +53,6 @@ impl RegionSource for WholeRegions {
     }
 }
 
-/// Bytes sent of a region, and the (offset, len) left when the budget ran out.
-type Sent = (u64, Option<(u64, u64)>);
-
 pub struct CatchUp {
     pub volume: Arc<Volume>,
     pub backing: PathBuf,
@@ -81,7 +75,7 @@ pub struct PassReport {
 /// The regular file at dirty path `rel` beneath the backing dir (never
 /// through a symlink); None when it is missing or not a regular file.
 /// An error counts as "not a regular file" (the path is then repaired by a
-/// snapshot).
+/// snapshot), as it did before.
 fn open_dirty(backing: &Path, rel: &[u8]) -> io::Result<Option<std::fs::File>> {
     match crate::path::RelPath::parse(rel) {
         Ok(p) => Ok(crate::path::open_regular_beneath(backing, &p).unwrap_or(None)),
@@ -125,13 +119,18 @@ impl CatchUp {
                 break;
             }
             let excluded = rec.exclusions().is_excluded(&region.path);
-            let sent = if excluded {
+            let file = if excluded {
                 None
             } else {
-                self.send_file(&region, budget.saturating_sub(report.bytes).max(CHUNK))?
+                open_dirty(&self.backing, &region.path)?
             };
-            match sent {
-                Some((sent, rest)) => {
+            match (excluded, file) {
+                (false, Some(file)) => {
+                    let (sent, rest) = self.send_file(
+                        file,
+                        &region,
+                        budget.saturating_sub(report.bytes).max(CHUNK),
+                    )?;
                     report.bytes += sent;
                     report.regions += 1;
                     if let Some((offset, len)) = rest {
@@ -144,7 +143,7 @@ impl CatchUp {
                         break;
                     }
                 }
-                None => {
+                (excluded, _) => {
                     // Gone, not a regular file, or excluded: nothing the stream
                     // can express idempotently (a full tree resync would).
                     if !excluded {
@@ -173,80 +172,82 @@ impl CatchUp {
         Ok(report)
     }
 
-    /// Journals `region` of its file, each step inside one
-    /// [`Volume::quiet_file`] hold; returns the bytes sent and, when the
-    /// budget ran out first, the (offset, len) still to send. None when the
-    /// path is not a regular file (at its first step).
-    fn send_file(&self, region: &DirtyRegion, budget: u64) -> io::Result<Option<Sent>> {
-        let path = &region.path;
-        // First hold: attributes (whole files) and the file's length.
-        let first = self.volume.quiet_file(path, |q| {
+    /// Journals `region` of `path`; returns the bytes sent and, when the
+    /// budget ran out first, the (offset, len) still to send.
+    fn send_file(
+        &self,
+        file: std::fs::File,
+        region: &DirtyRegion,
+        budget: u64,
+    ) -> io::Result<(u64, Option<(u64, u64)>)> {
+        let Some(rec) = self.volume.recorder() else {
+            return Ok((0, None));
+        };
+        let journal = rec.journal();
+        let mut sent = 0u64;
+        if region.is_whole() {
             use std::os::unix::fs::MetadataExt;
-            let m = q.file.metadata()?;
-            if region.is_whole() {
-                let rec = |op: Op| q.recorder.record(Some(q.inode), &op, &[]);
-                rec(Op::Truncate {
-                    path: path.clone(),
+            let _ns = rec.namespace_lock();
+            let m = file.metadata()?;
+            journal.append(
+                &Op::Truncate {
+                    path: region.path.clone(),
                     size: m.len(),
-                });
-                rec(Op::SetAttr {
-                    path: path.clone(),
+                },
+                &[],
+            );
+            journal.append(
+                &Op::SetAttr {
+                    path: region.path.clone(),
                     mode: Some(m.mode() & 0o7777),
                     uid: Some(m.uid()),
                     gid: Some(m.gid()),
                     atime: None,
                     mtime: None,
-                });
-                use std::os::fd::AsRawFd;
-                let fd_path = PathBuf::from(format!("/proc/self/fd/{}", q.file.as_raw_fd()));
-                for (name, value) in crate::replica::snapshot::read_xattrs(&fd_path, true) {
-                    rec(Op::SetXattr {
-                        path: path.clone(),
+                },
+                &[],
+            );
+            use std::os::fd::AsRawFd;
+            let fd_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            for (name, value) in crate::replica::snapshot::read_xattrs(&fd_path, true) {
+                journal.append(
+                    &Op::SetXattr {
+                        path: region.path.clone(),
                         name,
                         value,
                         flags: 0,
-                    });
-                }
+                    },
+                    &[],
+                );
             }
-            Ok(m.len())
-        })?;
-        let Some(len) = first else {
-            return Ok(None);
-        };
-        let mut sent = 0u64;
+        }
+        let len = file.metadata()?.len();
         for (start, end) in self.source.ranges(region, len) {
             let mut at = start;
             while at < end {
                 if sent >= budget {
-                    return Ok(Some((sent, Some((at, end - at)))));
+                    return Ok((sent, Some((at, end - at))));
                 }
                 let n = (end - at).min(CHUNK);
-                // One chunk per hold: read and append with the file still.
-                let got = self.volume.quiet_file(path, |q| {
-                    let mut buf = vec![0u8; n as usize];
-                    let got = read_at_most(q.file, &mut buf, at)?;
-                    if got > 0 {
-                        buf.truncate(got);
-                        let op = Op::Write {
-                            path: path.clone(),
-                            offset: at,
-                        };
-                        q.recorder.record(Some(q.inode), &op, &buf);
-                    }
-                    Ok(got)
-                })?;
-                match got {
-                    Some(got) if got > 0 => {
-                        sent += got as u64;
-                        at += got as u64;
-                    }
-                    // The end of the file, or it went away: a removal is
-                    // journaled after the chunks already sent.
-                    _ => break,
+                let _ns = rec.namespace_lock();
+                let mut buf = vec![0u8; n as usize];
+                let got = read_at_most(&file, &mut buf, at)?;
+                if got == 0 {
+                    break;
                 }
+                buf.truncate(got);
+                journal.append(
+                    &Op::Write {
+                        path: region.path.clone(),
+                        offset: at,
+                    },
+                    &buf,
+                );
+                sent += got as u64;
+                at += got as u64;
             }
         }
-        Ok(Some((sent, None)))
+        Ok((sent, None))
     }
 }
 
