@@ -319,6 +319,18 @@ fn mount_options(args: &MountArgs, config: &Config) -> Result<MountOptions, BoxE
     Ok(opts)
 }
 
+/// The metrics listener the flag or else the config asks for, bound now:
+/// a port in use stops the start with a clear error.
+fn metrics_listener(
+    flag: Option<&String>,
+    config: &Config,
+) -> Result<Option<std::net::TcpListener>, BoxError> {
+    match flag.or(config.metrics_listen.as_ref()) {
+        Some(a) => Ok(Some(replicafs::metrics::listen(a)?)),
+        None => Ok(None),
+    }
+}
+
 fn run_mount(args: MountArgs) -> Result<(), BoxError> {
     let config = match &args.config {
         Some(p) => Config::load(p)?,
@@ -349,14 +361,7 @@ fn run_mount(args: MountArgs) -> Result<(), BoxError> {
     let unclean = journal_dir.is_dir() && !journal_dir.join("CLEAN").exists();
     let thresholds = config.health.thresholds()?;
     // Bound before mounting: a port in use stops the start with a clear error.
-    let metrics = match args
-        .metrics_listen
-        .as_ref()
-        .or(config.metrics_listen.as_ref())
-    {
-        Some(a) => Some(replicafs::metrics::listen(a)?),
-        None => None,
-    };
+    let metrics = metrics_listener(args.metrics_listen.as_ref(), &config)?;
     let signals = mount::stop_signals()?;
     let mounted = mount::mount(&opts)?;
     let state_dir = mounted.checked.state_dir.clone();
@@ -520,14 +525,7 @@ fn run_replica(args: ReplicaArgs) -> Result<(), BoxError> {
     }
     let mountpoint = args.mount.clone().or(rc.mount.clone());
     let thresholds = config.health.thresholds()?;
-    let metrics = match args
-        .metrics_listen
-        .as_ref()
-        .or(config.metrics_listen.as_ref())
-    {
-        Some(a) => Some(replicafs::metrics::listen(a)?),
-        None => None,
-    };
+    let metrics = metrics_listener(args.metrics_listen.as_ref(), &config)?;
     let id = Identity::load(&state_dir)?;
     let replica = Arc::new(Replica::open(&state_dir, &mirror)?);
     // After the open, which refuses a state dir holding the mirror: the state

@@ -981,6 +981,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (f, key) = file_with(&[0u8; 4096]);
         let open = || File::open(f.path());
+        let src = || HeldSource {
+            key,
+            open: &open,
+            direct: false,
+        };
         let opts = |hold, payload, held_records| crate::journal::JournalOptions {
             hold_for_peers: hold,
             payload,
@@ -988,16 +993,7 @@ mod tests {
             ..Default::default()
         };
         let (j, _) = Journal::open(dir.path(), opts(false, PayloadMode::Backing, 10)).unwrap();
-        let s = j.append_write(
-            b"f",
-            0,
-            b"abc",
-            Some(HeldSource {
-                key,
-                open: &open,
-                direct: false,
-            }),
-        );
+        let s = j.append_write(b"f", 0, b"abc", Some(src()));
         assert!(matches!(
             rd(&j, s).unwrap().unwrap().op,
             Op::WriteBacked { .. }
@@ -1006,40 +1002,13 @@ mod tests {
         drop(j);
         let d2 = tempfile::tempdir().unwrap();
         let (j, _) = Journal::open(d2.path(), opts(true, PayloadMode::Journal, 10)).unwrap();
-        let s = j.append_write(
-            b"f",
-            0,
-            b"abc",
-            Some(HeldSource {
-                key,
-                open: &open,
-                direct: false,
-            }),
-        );
+        let s = j.append_write(b"f", 0, b"abc", Some(src()));
         assert_eq!(rd(&j, s).unwrap().unwrap().data, b"abc");
         drop(j);
         let d3 = tempfile::tempdir().unwrap();
         let (j, _) = Journal::open(d3.path(), opts(true, PayloadMode::Backing, 1)).unwrap();
-        let s1 = j.append_write(
-            b"f",
-            0,
-            b"abc",
-            Some(HeldSource {
-                key,
-                open: &open,
-                direct: false,
-            }),
-        );
-        let s2 = j.append_write(
-            b"f",
-            8,
-            b"def",
-            Some(HeldSource {
-                key,
-                open: &open,
-                direct: false,
-            }),
-        );
+        let s1 = j.append_write(b"f", 0, b"abc", Some(src()));
+        let s2 = j.append_write(b"f", 8, b"def", Some(src()));
         assert!(rd(&j, s1).unwrap().unwrap().data.is_empty());
         assert_eq!(rd(&j, s2).unwrap().unwrap().data, b"def", "table full");
     }
